@@ -1,0 +1,102 @@
+//! How transactions reach the kernel. A small trait so the `nft -f` writer (this one)
+//! and a direct netlink writer can be swapped, and tests can count what was sent.
+
+use crate::objects::TABLE;
+use crate::rule::family_kw;
+use crate::transaction::Transaction;
+use kproxy_backend_api::IpFamily;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// A failure talking to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("cannot run `{0}`: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("nft refused the transaction: {0}")]
+    Refused(String),
+    #[error("nft failed to list the table: {0}")]
+    List(String),
+}
+
+/// Applies transactions and reads back kproxy's table.
+pub trait NftWriter {
+    /// Applies a transaction atomically: all of it or nothing.
+    fn apply(&mut self, tx: &Transaction) -> Result<(), WriterError>;
+    /// The table as `nft -j list table` JSON, or `None` if it does not exist.
+    fn list_table(&mut self, family: IpFamily) -> Result<Option<String>, WriterError>;
+    /// Deletes the table if it exists.
+    fn delete_table(&mut self, family: IpFamily) -> Result<(), WriterError>;
+}
+
+/// Runs the `nft` binary: `nft -f -` with the rendered transaction on stdin.
+#[derive(Debug, Clone)]
+pub struct NftCli {
+    binary: String,
+}
+
+impl Default for NftCli {
+    fn default() -> Self {
+        NftCli {
+            binary: std::env::var("KPROXY_NFT").unwrap_or_else(|_| "nft".to_string()),
+        }
+    }
+}
+
+impl NftCli {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String), WriterError> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn_err = |e| WriterError::Spawn(format!("{} {}", self.binary, args.join(" ")), e);
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+        }
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+}
+
+fn missing_table(stderr: &str) -> bool {
+    stderr.contains("No such file or directory")
+}
+
+impl NftWriter for NftCli {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), WriterError> {
+        let (ok, _, stderr) = self.run(&["-f", "-"], Some(&tx.render()))?;
+        if ok {
+            Ok(())
+        } else {
+            Err(WriterError::Refused(stderr.trim().to_string()))
+        }
+    }
+
+    fn list_table(&mut self, family: IpFamily) -> Result<Option<String>, WriterError> {
+        let (ok, stdout, stderr) = self.run(&["-j", "list", "table", family_kw(family), TABLE], None)?;
+        match (ok, missing_table(&stderr)) {
+            (true, _) => Ok(Some(stdout)),
+            (false, true) => Ok(None),
+            (false, false) => Err(WriterError::List(stderr.trim().to_string())),
+        }
+    }
+
+    fn delete_table(&mut self, family: IpFamily) -> Result<(), WriterError> {
+        let (ok, _, stderr) = self.run(&["delete", "table", family_kw(family), TABLE], None)?;
+        if ok || missing_table(&stderr) {
+            Ok(())
+        } else {
+            Err(WriterError::Refused(stderr.trim().to_string()))
+        }
+    }
+}
