@@ -1,1 +1,12 @@
+//! kproxy: a drop-in replacement for kube-proxy.
+//!
+//! Data flows one way: sources ([`manifests`], later the API server) produce Kubernetes
+//! objects; the pure [`model`] turns them into a per-family desired state; a backend
+//! (`kproxy_nftables`) reconciles the kernel with it, sending only what changed.
 
+pub mod cli;
+pub mod ip;
+pub mod local_addrs;
+pub mod manifests;
+pub mod model;
+pub mod run;

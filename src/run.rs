@@ -1,0 +1,251 @@
+//! The process: flags in, kernel programmed, exit code out.
+
+use crate::cli::{normalise_go_flags, Flags, ProxyMode};
+use crate::manifests::{self, ManifestError, Manifests};
+use crate::model::{self, ClusterObjects, ProxyConfig, ProxyState};
+use clap::Parser;
+use kproxy_backend_api::{Backend, BackendError, Changes, IpFamily};
+use kproxy_nftables::writer::NftCli;
+use kproxy_nftables::NftablesBackend;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+use tracing::{error, info, warn};
+
+/// Why kproxy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Manifests(#[from] ManifestError),
+    #[error("{family} sync failed: {source}")]
+    Sync {
+        family: IpFamily,
+        source: BackendError,
+    },
+    #[error("cleanup of the {family} table failed: {source}")]
+    Cleanup {
+        family: IpFamily,
+        source: BackendError,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Entry point of the `kproxy` binary.
+pub fn main_entry() -> ExitCode {
+    let flags = Flags::parse_from(normalise_go_flags(std::env::args()));
+    init_logging(flags.verbosity);
+    match run(&flags) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("kproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbosity: u8) {
+    let level = match verbosity {
+        0..=1 => "info",
+        2..=4 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The node's name: `--hostname-override`, else the host name, lower-cased as
+/// kube-proxy does.
+fn node_name(flags: &Flags) -> String {
+    flags
+        .hostname_override
+        .clone()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default()
+        .trim()
+        .to_lowercase()
+}
+
+/// Settings the model needs, from flags.
+pub fn proxy_config(flags: &Flags) -> Result<ProxyConfig, RunError> {
+    let mut cfg = ProxyConfig::new(node_name(flags));
+    for c in flags.cluster_cidr.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+        let net = crate::ip::parse_cidr(c)
+            .ok_or_else(|| RunError::Config(format!("--cluster-cidr: invalid CIDR {c:?}")))?;
+        cfg.cluster_cidrs.push(net);
+    }
+    for a in flags.nodeport_addresses.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+        if a != "primary" && crate::ip::parse_cidr(a).is_none() {
+            return Err(RunError::Config(format!(
+                "--nodeport-addresses: {a:?} is neither `primary` nor a CIDR"
+            )));
+        }
+        cfg.nodeport_addresses.push(a.to_string());
+    }
+    cfg.masquerade_all = flags.masquerade_all;
+    Ok(cfg)
+}
+
+fn backends() -> Vec<NftablesBackend<NftCli>> {
+    IpFamily::ALL
+        .into_iter()
+        .map(|f| NftablesBackend::new(f, NftCli::default()))
+        .collect()
+}
+
+/// Runs kproxy with parsed flags.
+pub fn run(flags: &Flags) -> Result<(), RunError> {
+    if flags.proxy_mode == ProxyMode::Ipvs {
+        return Err(RunError::Config(
+            "--proxy-mode=ipvs is not available in this build; use nftables".into(),
+        ));
+    }
+    if flags.cleanup {
+        for mut b in backends() {
+            let family = b.family();
+            b.cleanup().map_err(|source| RunError::Cleanup { family, source })?;
+            info!(%family, "removed kproxy's nftables table");
+        }
+        return Ok(());
+    }
+    let cfg = proxy_config(flags)?;
+    let Some(path) = flags.manifests.clone() else {
+        return Err(RunError::Config(
+            "no object source: pass --manifests PATH (the API-server source is not available in this build)".into(),
+        ));
+    };
+    let state = load_state(&path, &cfg)?;
+    if flags.dry_run {
+        for b in backends() {
+            if let Some(fam) = state.families.get(&b.family()) {
+                print!("{}", b.render(&fam.node, &fam.services));
+            }
+        }
+        return Ok(());
+    }
+    let mut backends = backends();
+    sync_all(&mut backends, &state, None)?;
+    if flags.once {
+        return Ok(());
+    }
+    watch_manifests(&path, &cfg, &mut backends, state)
+}
+
+fn to_objects(m: Manifests) -> ClusterObjects {
+    ClusterObjects {
+        services: m.services,
+        endpoint_slices: m.endpoint_slices,
+        nodes: m.nodes,
+        service_cidrs: m.service_cidrs,
+    }
+}
+
+/// Loads the manifests and builds the desired state, logging every skipped object by
+/// namespace/name.
+fn load_state(path: &Path, cfg: &ProxyConfig) -> Result<ProxyState, RunError> {
+    let m = manifests::load(path)?;
+    for r in &m.rejected {
+        warn!("skipping invalid object: {r}");
+    }
+    let local = crate::local_addrs::local_addresses().unwrap_or_else(|e| {
+        warn!("cannot list local addresses for --nodeport-addresses: {e}");
+        Vec::new()
+    });
+    let state = model::build(&to_objects(m), cfg, &local);
+    for inv in &state.invalid {
+        warn!("skipping invalid object: {inv}");
+    }
+    Ok(state)
+}
+
+/// Syncs every family: a full sync when there is no previous state, else only the
+/// services whose plans changed.
+fn sync_all(
+    backends: &mut [NftablesBackend<NftCli>],
+    state: &ProxyState,
+    previous: Option<&ProxyState>,
+) -> Result<(), RunError> {
+    for b in backends.iter_mut() {
+        let family = b.family();
+        let Some(fam) = state.families.get(&family) else { continue };
+        let changes = match previous.and_then(|p| p.families.get(&family)) {
+            Some(old) => Changes::Services(model::changed_services(&old.services, &fam.services)),
+            None => Changes::Full,
+        };
+        let started = std::time::Instant::now();
+        let report = b
+            .sync(&fam.node, &fam.services, &changes)
+            .map_err(|source| RunError::Sync { family, source })?;
+        info!(
+            %family,
+            full = report.full,
+            services = fam.services.len(),
+            changed = report.services_examined,
+            operations = report.operations,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "synced"
+        );
+    }
+    Ok(())
+}
+
+/// A cheap fingerprint of the manifests path: names, sizes and modification times.
+fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut files = vec![path.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(path) {
+        files.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let md = std::fs::metadata(&f).ok();
+            let size = md.as_ref().map_or(0, |m| m.len());
+            let mtime = md.and_then(|m| m.modified().ok());
+            (f, size, mtime)
+        })
+        .collect()
+}
+
+/// Applies edits of the manifests live. A file that does not parse keeps the current
+/// rules; a failed sync is retried as a full sync.
+fn watch_manifests(
+    path: &Path,
+    cfg: &ProxyConfig,
+    backends: &mut [NftablesBackend<NftCli>],
+    mut state: ProxyState,
+) -> Result<(), RunError> {
+    let mut seen = fingerprint(path);
+    let mut retry_full = false;
+    loop {
+        // kube-proxy's default minSyncPeriod: at most one sync per second.
+        std::thread::sleep(Duration::from_secs(1));
+        let now = fingerprint(path);
+        if now == seen && !retry_full {
+            continue;
+        }
+        seen = now;
+        let next = match load_state(path, cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("keeping the current rules: {e}");
+                continue;
+            }
+        };
+        let previous = (!retry_full).then_some(&state);
+        match sync_all(backends, &next, previous) {
+            Ok(()) => retry_full = false,
+            Err(e) => {
+                error!("{e}; retrying with a full sync");
+                retry_full = true;
+            }
+        }
+        state = next;
+    }
+}
