@@ -38,7 +38,6 @@ pub fn main_entry() -> ExitCode {
     match run(&flags) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
             eprintln!("kproxy: {e}");
             ExitCode::FAILURE
         }
@@ -55,6 +54,7 @@ fn init_logging(verbosity: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -149,10 +149,8 @@ fn to_objects(m: Manifests) -> ClusterObjects {
 /// Loads the manifests and builds the desired state, logging every skipped object by
 /// namespace/name.
 fn load_state(path: &Path, cfg: &ProxyConfig) -> Result<ProxyState, RunError> {
+    // The loader logs each object it could not decode, with file and line.
     let m = manifests::load(path)?;
-    for r in &m.rejected {
-        warn!("skipping invalid object: {r}");
-    }
     let local = crate::local_addrs::local_addresses().unwrap_or_else(|e| {
         warn!("cannot list local addresses for --nodeport-addresses: {e}");
         Vec::new()

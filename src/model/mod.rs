@@ -292,3 +292,165 @@ pub fn changed_services(old: &ServicePlans, new: &ServicePlans) -> BTreeSet<Serv
     }
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kproxy_backend_api::TrafficPolicy;
+    use serde_json::json;
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).expect("valid Service json")
+    }
+
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).expect("valid EndpointSlice json")
+    }
+
+    fn ports_of(state: &ProxyState, family: IpFamily) -> usize {
+        state.families[&family].services.values().map(Vec::len).sum()
+    }
+
+    /// Health-check node ports, one per Service (every port of it carries the same).
+    fn hc_ports(state: &ProxyState) -> Vec<u16> {
+        let set: BTreeSet<(ServiceName, u16)> = state.families[&IpFamily::V4]
+            .services
+            .values()
+            .flatten()
+            .filter_map(|p| p.port.health_check_node_port.map(|hc| (p.port.name.service.clone(), hc)))
+            .collect();
+        set.into_iter().map(|(_, hc)| hc).collect()
+    }
+
+    fn four_services() -> Vec<Service> {
+        vec![
+            svc(json!({"metadata": {"namespace": "ns", "name": "cluster"}, "spec": {"clusterIP": "172.30.55.4",
+                "ports": [{"name": "a", "port": 1234, "protocol": "UDP"}, {"name": "b", "port": 1235, "protocol": "UDP"}, {"name": "c", "port": 1236, "protocol": "SCTP"}]}})),
+            svc(json!({"metadata": {"namespace": "ns", "name": "nodeport"}, "spec": {"type": "NodePort", "clusterIP": "172.30.55.10",
+                "ports": [{"name": "a", "port": 345, "nodePort": 30345}, {"name": "b", "port": 344, "nodePort": 30344}, {"name": "c", "port": 343, "nodePort": 30343, "protocol": "SCTP"}]}})),
+            svc(json!({"metadata": {"namespace": "ns", "name": "lb"}, "spec": {"type": "LoadBalancer", "clusterIP": "172.30.55.11", "loadBalancerIP": "1.2.3.4",
+                "ports": [{"name": "a", "port": 8675, "nodePort": 30061}, {"name": "b", "port": 8676, "nodePort": 30062}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "10.1.2.4"}]}}})),
+            svc(json!({"metadata": {"namespace": "ns", "name": "lb-local"}, "spec": {"type": "LoadBalancer", "clusterIP": "172.30.55.12",
+                "externalTrafficPolicy": "Local", "healthCheckNodePort": 345,
+                "ports": [{"name": "a", "port": 8677, "nodePort": 30063}, {"name": "b", "port": 8678, "nodePort": 30064}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "10.1.2.3"}]}}})),
+        ]
+    }
+
+    #[test]
+    fn build_service_map_add_remove() {
+        let mut objs = ClusterObjects { services: four_services(), ..Default::default() };
+        let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
+        assert_eq!(ports_of(&state, IpFamily::V4), 10);
+        assert_eq!(ports_of(&state, IpFamily::V6), 0);
+        assert_eq!(hc_ports(&state), [345], "only eTP=Local LoadBalancers get a health check");
+
+        objs.services.truncate(1);
+        objs.services[0] = svc(json!({"metadata": {"namespace": "ns", "name": "cluster"},
+            "spec": {"clusterIP": "172.30.55.4", "ports": [{"name": "a", "port": 1234, "protocol": "UDP"}]}}));
+        let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
+        assert_eq!(ports_of(&state, IpFamily::V4), 1);
+        assert!(hc_ports(&state).is_empty());
+    }
+
+    #[test]
+    fn headless_external_name_and_unallocated_are_ignored() {
+        let objs = ClusterObjects {
+            services: vec![
+                svc(json!({"metadata": {"namespace": "ns", "name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
+                svc(json!({"metadata": {"namespace": "ns", "name": "h2"}, "spec": {"clusterIP": "None"}})),
+                svc(json!({"metadata": {"namespace": "ns", "name": "e"}, "spec": {"type": "ExternalName", "externalName": "x.example", "clusterIP": "172.30.0.9", "ports": [{"port": 80}]}})),
+                svc(json!({"metadata": {"namespace": "ns", "name": "pending"}, "spec": {"ports": [{"port": 80}]}})),
+            ],
+            ..Default::default()
+        };
+        let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
+        assert_eq!(ports_of(&state, IpFamily::V4), 0);
+        assert!(state.invalid.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_ports_get_their_own_family_addresses() {
+        let objs = ClusterObjects {
+            services: vec![svc(json!({"metadata": {"namespace": "ns", "name": "d"}, "spec": {
+                "type": "LoadBalancer", "clusterIPs": ["172.30.0.5", "fd00:10:96::5"],
+                "externalIPs": ["192.168.99.1", "2001:db8:99::1"],
+                "loadBalancerSourceRanges": ["203.0.113.0/25", "2001:db8:ff::/64"],
+                "ports": [{"port": 80, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}, {"ip": "2001:db8:aa::4"}]}}}))],
+            ..Default::default()
+        };
+        let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
+        for family in IpFamily::ALL {
+            let ports: Vec<_> = state.families[&family].services.values().flatten().collect();
+            assert_eq!(ports.len(), 1, "{family}");
+            let p = &ports[0].port;
+            let all = std::iter::once(p.cluster_ip).chain(p.external_ips.iter().copied()).chain(p.load_balancer_ips.iter().copied());
+            for ip in all {
+                assert_eq!(IpFamily::of(&ip), family, "{ip} in {family}");
+            }
+            assert_eq!(p.source_ranges.len(), 1);
+            assert_eq!(p.external_ips.len(), 1);
+            assert_eq!(p.load_balancer_ips.len(), 1);
+        }
+    }
+
+    #[test]
+    fn endpoints_merged_across_slices_deduplicated_and_sorted() {
+        let objs = ClusterObjects {
+            services: vec![svc(json!({"metadata": {"namespace": "ns", "name": "s"}, "spec": {
+                "clusterIP": "172.30.0.5", "internalTrafficPolicy": "Local", "ports": [{"name": "p", "port": 80}]}}))],
+            endpoint_slices: vec![
+                slice(json!({"metadata": {"namespace": "ns", "name": "s-1", "labels": {"kubernetes.io/service-name": "s"}},
+                    "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}],
+                    "endpoints": [{"addresses": ["10.0.0.9"], "nodeName": "node-a"},
+                                  {"addresses": ["10.0.0.10"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}}]})),
+                slice(json!({"metadata": {"namespace": "ns", "name": "s-2", "labels": {"kubernetes.io/service-name": "s"}},
+                    "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}],
+                    "endpoints": [{"addresses": ["10.0.0.10"], "nodeName": "node-b"},
+                                  {"addresses": ["10.0.0.1"], "nodeName": "node-b"}]})),
+                // Another port name: not this service port's endpoints.
+                slice(json!({"metadata": {"namespace": "ns", "name": "s-3", "labels": {"kubernetes.io/service-name": "s"}},
+                    "addressType": "IPv4", "ports": [{"name": "other", "port": 9090}],
+                    "endpoints": [{"addresses": ["10.0.0.99"]}]})),
+            ],
+            ..Default::default()
+        };
+        let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
+        let plan = &state.families[&IpFamily::V4].services[&ServiceName::new("ns", "s")][0];
+        let eps: Vec<String> = plan.endpoints.iter().map(|e| e.to_string()).collect();
+        assert_eq!(eps, ["10.0.0.10:8080", "10.0.0.1:8080", "10.0.0.9:8080"], "sorted as text, like upstream");
+        assert!(!plan.endpoints[0].terminating, "the non-terminating duplicate wins");
+        assert_eq!(plan.port.internal_policy, TrafficPolicy::Local);
+        assert_eq!(plan.categorized.local.len(), 1);
+        assert!(plan.endpoints.iter().find(|e| e.ip.to_string() == "10.0.0.9").is_some_and(|e| e.is_local));
+    }
+
+    #[test]
+    fn nodeport_addresses_resolution() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "Hostname", "address": "node-a"}, {"type": "ExternalIP", "address": "1.1.1.1"},
+                                     {"type": "InternalIP", "address": "192.168.0.2"}, {"type": "InternalIP", "address": "2001:db8::1"}]}}))
+        .expect("node");
+        let objs = ClusterObjects { nodes: vec![node], ..Default::default() };
+        let local: Vec<IpAddr> = ["127.0.0.1", "192.168.0.2", "192.168.1.2", "10.9.9.9", "2001:db8::1"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        let mut cfg = ProxyConfig::new("node-a");
+        let ctx = |cfg: &ProxyConfig, f| build(&objs, cfg, &local).families[&f].node.nodeport_addresses.clone();
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        assert_eq!(ctx(&cfg, IpFamily::V4), NodePortAddresses::Ips(vec![ip("192.168.0.2")]), "primary by default");
+        assert_eq!(ctx(&cfg, IpFamily::V6), NodePortAddresses::Ips(vec![ip("2001:db8::1")]));
+        cfg.nodeport_addresses = vec!["192.168.0.0/16".into(), "127.0.0.0/8".into()];
+        assert_eq!(
+            ctx(&cfg, IpFamily::V4),
+            NodePortAddresses::Ips(vec![ip("192.168.0.2"), ip("192.168.1.2")]),
+            "CIDRs select local addresses, never loopback"
+        );
+        assert_eq!(ctx(&cfg, IpFamily::V6), NodePortAddresses::Ips(vec![]), "no CIDR of this family");
+        cfg.nodeport_addresses = vec!["0.0.0.0/0".into()];
+        assert_eq!(ctx(&cfg, IpFamily::V4), NodePortAddresses::All);
+    }
+}
