@@ -16,7 +16,12 @@ pub enum ProxyMode {
 #[command(name = "kproxy", version, about)]
 pub struct Flags {
     /// Which proxy mode to use: nftables or ipvs.
-    #[arg(long = "proxy-mode", visible_alias = "mode", value_enum, default_value = "nftables")]
+    #[arg(
+        long = "proxy-mode",
+        visible_alias = "mode",
+        value_enum,
+        default_value = "nftables"
+    )]
     pub proxy_mode: ProxyMode,
 
     /// The name of this node, if not the host name.
@@ -91,13 +96,22 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Flags {
-        let argv = normalise_go_flags(std::iter::once("kproxy").chain(args.iter().copied()).map(String::from));
+        let argv = normalise_go_flags(
+            std::iter::once("kproxy")
+                .chain(args.iter().copied())
+                .map(String::from),
+        );
         Flags::try_parse_from(argv).expect("parses")
     }
 
     #[test]
     fn kube_proxy_flag_spellings() {
-        let f = parse(&["--proxy-mode=nftables", "--masquerade-all", "--v=4", "--cluster-cidr=10.0.0.0/8,fd00::/48"]);
+        let f = parse(&[
+            "--proxy-mode=nftables",
+            "--masquerade-all",
+            "--v=4",
+            "--cluster-cidr=10.0.0.0/8,fd00::/48",
+        ]);
         assert_eq!(f.proxy_mode, ProxyMode::Nftables);
         assert!(f.masquerade_all);
         assert_eq!(f.verbosity, 4);
@@ -106,7 +120,12 @@ mod tests {
         assert_eq!(f.proxy_mode, ProxyMode::Ipvs);
         assert!(!f.masquerade_all);
         assert_eq!(f.verbosity, 2);
-        let f = parse(&["-proxy-mode=nftables", "-hostname-override=node-a", "-nodeport-addresses", "primary"]);
+        let f = parse(&[
+            "-proxy-mode=nftables",
+            "-hostname-override=node-a",
+            "-nodeport-addresses",
+            "primary",
+        ]);
         assert_eq!(f.hostname_override.as_deref(), Some("node-a"));
         assert_eq!(f.nodeport_addresses, ["primary"]);
     }

@@ -45,16 +45,43 @@ mod tests {
 
     #[test]
     fn normalises_leading_zeros() {
-        assert_eq!(parse_ip("172.30.0.041").map(|i| i.to_string()).as_deref(), Some("172.30.0.41"));
-        assert_eq!(parse_ip("192.168.099.022").map(|i| i.to_string()).as_deref(), Some("192.168.99.22"));
-        assert_eq!(parse_ip("10.180.00.001").map(|i| i.to_string()).as_deref(), Some("10.180.0.1"));
-        assert_eq!(parse_ip("fd00:0::0001").map(|i| i.to_string()).as_deref(), Some("fd00::1"));
-        assert_eq!(parse_cidr(" 203.0.113.000/025").map(|i| i.to_string()).as_deref(), Some("203.0.113.0/25"));
+        assert_eq!(
+            parse_ip("172.30.0.041").map(|i| i.to_string()).as_deref(),
+            Some("172.30.0.41")
+        );
+        assert_eq!(
+            parse_ip("192.168.099.022")
+                .map(|i| i.to_string())
+                .as_deref(),
+            Some("192.168.99.22")
+        );
+        assert_eq!(
+            parse_ip("10.180.00.001").map(|i| i.to_string()).as_deref(),
+            Some("10.180.0.1")
+        );
+        assert_eq!(
+            parse_ip("fd00:0::0001").map(|i| i.to_string()).as_deref(),
+            Some("fd00::1")
+        );
+        assert_eq!(
+            parse_cidr(" 203.0.113.000/025")
+                .map(|i| i.to_string())
+                .as_deref(),
+            Some("203.0.113.0/25")
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "1.2.3", "1.2.3.4.5", "256.1.1.1", "1.2.3.x", "1.2.3.0004", "fd00::g"] {
+        for bad in [
+            "",
+            "1.2.3",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.x",
+            "1.2.3.0004",
+            "fd00::g",
+        ] {
             assert_eq!(parse_ip(bad), None, "{bad}");
         }
         for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0.0/x", "::/129"] {

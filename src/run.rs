@@ -75,12 +75,22 @@ fn node_name(flags: &Flags) -> String {
 /// Settings the model needs, from flags.
 pub fn proxy_config(flags: &Flags) -> Result<ProxyConfig, RunError> {
     let mut cfg = ProxyConfig::new(node_name(flags));
-    for c in flags.cluster_cidr.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+    for c in flags
+        .cluster_cidr
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+    {
         let net = crate::ip::parse_cidr(c)
             .ok_or_else(|| RunError::Config(format!("--cluster-cidr: invalid CIDR {c:?}")))?;
         cfg.cluster_cidrs.push(net);
     }
-    for a in flags.nodeport_addresses.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+    for a in flags
+        .nodeport_addresses
+        .iter()
+        .map(|a| a.trim())
+        .filter(|a| !a.is_empty())
+    {
         if a != "primary" && crate::ip::parse_cidr(a).is_none() {
             return Err(RunError::Config(format!(
                 "--nodeport-addresses: {a:?} is neither `primary` nor a CIDR"
@@ -109,7 +119,8 @@ pub fn run(flags: &Flags) -> Result<(), RunError> {
     if flags.cleanup {
         for mut b in backends() {
             let family = b.family();
-            b.cleanup().map_err(|source| RunError::Cleanup { family, source })?;
+            b.cleanup()
+                .map_err(|source| RunError::Cleanup { family, source })?;
             info!(%family, "removed kproxy's nftables table");
         }
         return Ok(());
@@ -171,7 +182,9 @@ fn sync_all(
 ) -> Result<(), RunError> {
     for b in backends.iter_mut() {
         let family = b.family();
-        let Some(fam) = state.families.get(&family) else { continue };
+        let Some(fam) = state.families.get(&family) else {
+            continue;
+        };
         let changes = match previous.and_then(|p| p.families.get(&family)) {
             Some(old) => Changes::Services(model::changed_services(&old.services, &fam.services)),
             None => Changes::Full,

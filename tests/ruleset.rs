@@ -27,7 +27,14 @@ fn manifest(name: &str, yaml: &str) -> PathBuf {
 
 fn dry_run(path: &std::path::Path, extra: &[&str]) -> String {
     let p = path.to_str().expect("utf-8 path");
-    let mut args = vec!["--manifests", p, "--hostname-override", "node-a", "--once", "--dry-run"];
+    let mut args = vec![
+        "--manifests",
+        p,
+        "--hostname-override",
+        "node-a",
+        "--once",
+        "--dry-run",
+    ];
     args.extend_from_slice(extra);
     let (ok, out, err) = kproxy(&args);
     assert!(ok, "kproxy failed: {err}");
@@ -37,7 +44,10 @@ fn dry_run(path: &std::path::Path, extra: &[&str]) -> String {
 #[test]
 fn demo_ruleset_matches_golden() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = dry_run(&root.join("examples/demo.yaml"), &["--cluster-cidr", "10.0.0.0/8,fd00:10::/64"]);
+    let out = dry_run(
+        &root.join("examples/demo.yaml"),
+        &["--cluster-cidr", "10.0.0.0/8,fd00:10::/64"],
+    );
     let golden = root.join("tests/golden/demo.nft");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&golden, &out).expect("write golden");
@@ -65,7 +75,10 @@ fn upstream_chain_hashes_are_kept() {
     // Same names as upstream kube-proxy for the same service ports, so operators
     // recognise chains (affinity-flavoured endpoint chains aside).
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = dry_run(&root.join("examples/demo.yaml"), &["--cluster-cidr", "10.0.0.0/8"]);
+    let out = dry_run(
+        &root.join("examples/demo.yaml"),
+        &["--cluster-cidr", "10.0.0.0/8"],
+    );
     for name in [
         "service-ULMVA6XW-ns1/svc1/tcp/p80",
         "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80",
@@ -104,10 +117,22 @@ ports: [{name: p80, port: 80}]
 "#,
     );
     let out = dry_run(&path, &[]);
-    for canonical in ["172.30.0.41", "192.168.99.22", "203.0.113.0/25", "1.2.3.4 . tcp . 80", "dnat to 10.180.0.1:80"] {
+    for canonical in [
+        "172.30.0.41",
+        "192.168.99.22",
+        "203.0.113.0/25",
+        "1.2.3.4 . tcp . 80",
+        "dnat to 10.180.0.1:80",
+    ] {
         assert!(out.contains(canonical), "missing {canonical}:\n{out}");
     }
-    for raw in ["172.30.0.041", "099", "000/025", "1.2.3.004", "10.180.00.001"] {
+    for raw in [
+        "172.30.0.041",
+        "099",
+        "000/025",
+        "1.2.3.004",
+        "10.180.00.001",
+    ] {
         assert!(!out.contains(raw), "non-canonical {raw} leaked");
     }
 }
@@ -148,12 +173,24 @@ spec: {clusterIP: 172.30.0.12, ports: [{port: 80}]}
 "#,
     );
     let out = dry_run(&path, &[]);
-    assert!(!out.contains("1.2.3.4"), "ipMode Proxy must not be programmed");
+    assert!(
+        !out.contains("1.2.3.4"),
+        "ipMode Proxy must not be programmed"
+    );
     assert!(out.contains("5.6.7.8 . tcp . 80"));
-    assert!(out.contains("9.10.11.12 . tcp . 80"), "unset ipMode means VIP");
+    assert!(
+        out.contains("9.10.11.12 . tcp . 80"),
+        "unset ipMode means VIP"
+    );
     assert!(!out.contains("headless"));
-    assert!(!out.contains("172.30.0.11"), "ExternalName ignored even with a ClusterIP");
-    assert!(!out.contains("172.30.0.12"), "service-proxy-name label means not ours");
+    assert!(
+        !out.contains("172.30.0.11"),
+        "ExternalName ignored even with a ClusterIP"
+    );
+    assert!(
+        !out.contains("172.30.0.12"),
+        "service-proxy-name label means not ours"
+    );
 }
 
 #[test]
@@ -166,10 +203,20 @@ fn yaml_syntax_error_fails_with_file_and_line() {
     let (ok, _, err) = kproxy(&["--manifests", p, "--once", "--dry-run"]);
     assert!(!ok, "a file that does not parse must fail --once");
     let needle = format!("{p}:");
-    let pos = err.find(&needle).unwrap_or_else(|| panic!("no file name in: {err}"));
-    let line: String = err[pos + needle.len()..].chars().take_while(|c| c.is_ascii_digit()).collect();
-    let line: usize = line.parse().unwrap_or_else(|_| panic!("no line number in: {err}"));
-    assert!((5..=7).contains(&line), "line {line} does not point at the error: {err}");
+    let pos = err
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no file name in: {err}"));
+    let line: String = err[pos + needle.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    let line: usize = line
+        .parse()
+        .unwrap_or_else(|_| panic!("no line number in: {err}"));
+    assert!(
+        (5..=7).contains(&line),
+        "line {line} does not point at the error: {err}"
+    );
 }
 
 #[test]
@@ -218,13 +265,32 @@ ports: [{name: p, port: 80}]
 "#,
     );
     let p = path.to_str().expect("utf-8");
-    let (ok, out, err) = kproxy(&["--manifests", p, "--hostname-override", "node-a", "--once", "--dry-run"]);
+    let (ok, out, err) = kproxy(&[
+        "--manifests",
+        p,
+        "--hostname-override",
+        "node-a",
+        "--once",
+        "--dry-run",
+    ]);
     assert!(ok, "invalid objects must not fail the run: {err}");
-    for name in ["ns1/bad-ip", "ns1/bad-port", "ns1/bad-proto", "ns1/bad-type", "ns1/bad-slice"] {
+    for name in [
+        "ns1/bad-ip",
+        "ns1/bad-port",
+        "ns1/bad-proto",
+        "ns1/bad-type",
+        "ns1/bad-slice",
+    ] {
         assert!(err.contains(name), "{name} not logged: {err}");
     }
-    assert!(err.contains("172.30.0.999"), "reason names the bad value: {err}");
-    assert!(out.contains("172.30.0.20 . tcp . 80 : goto service-"), "good service programmed:\n{out}");
+    assert!(
+        err.contains("172.30.0.999"),
+        "reason names the bad value: {err}"
+    );
+    assert!(
+        out.contains("172.30.0.20 . tcp . 80 : goto service-"),
+        "good service programmed:\n{out}"
+    );
     assert!(out.contains("dnat to 10.0.0.7:80"), "good slice programmed");
     for bad in ["172.30.0.21", "172.30.0.22", "172.30.0.23"] {
         assert!(!out.contains(bad), "{bad} half-programmed");

@@ -32,7 +32,11 @@ pub fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Result<SliceIn
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .map(|svc| {
             ServiceName::new(
-                slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                slice
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 svc.clone(),
             )
         });
@@ -40,7 +44,12 @@ pub fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Result<SliceIn
         "IPv4" => IpFamily::V4,
         "IPv6" => IpFamily::V6,
         "FQDN" => return Ok(SliceInfo::default()),
-        other => return Err(invalid(slice, format!("addressType: unknown value {other:?}"))),
+        other => {
+            return Err(invalid(
+                slice,
+                format!("addressType: unknown value {other:?}"),
+            ))
+        }
     };
     let Some(service) = service else {
         return Ok(SliceInfo::default());
@@ -49,13 +58,22 @@ pub fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Result<SliceIn
     let mut endpoints = Vec::with_capacity(listed.len());
     for (i, ep) in listed.iter().enumerate() {
         // Only the first address is used, as upstream does.
-        let Some(addr) = ep.addresses.first() else { continue };
-        let ip = parse_ip(addr)
-            .ok_or_else(|| invalid(slice, format!("endpoints[{i}].addresses: invalid IP {addr:?}")))?;
+        let Some(addr) = ep.addresses.first() else {
+            continue;
+        };
+        let ip = parse_ip(addr).ok_or_else(|| {
+            invalid(
+                slice,
+                format!("endpoints[{i}].addresses: invalid IP {addr:?}"),
+            )
+        })?;
         if IpFamily::of(&ip) != family {
             return Err(invalid(
                 slice,
-                format!("endpoints[{i}].addresses: {addr} is not an {} address", family.label()),
+                format!(
+                    "endpoints[{i}].addresses: {addr} is not an {} address",
+                    family.label()
+                ),
             ));
         }
         let cond = ep.conditions.as_ref();
@@ -87,16 +105,30 @@ pub fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Result<SliceIn
         });
     }
     let mut ports = BTreeMap::new();
-    for (i, p) in slice.ports.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, p) in slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let proto_text = p.protocol.as_deref().unwrap_or("TCP");
         let protocol = Protocol::from_k8s(proto_text).ok_or_else(|| {
-            invalid(slice, format!("ports[{i}].protocol: unknown protocol {proto_text:?}"))
+            invalid(
+                slice,
+                format!("ports[{i}].protocol: unknown protocol {proto_text:?}"),
+            )
         })?;
         let Some(number) = p.port else { continue };
         let port = u16::try_from(number)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| invalid(slice, format!("ports[{i}].port: {number} is out of range 1-65535")))?;
+            .ok_or_else(|| {
+                invalid(
+                    slice,
+                    format!("ports[{i}].port: {number} is out of range 1-65535"),
+                )
+            })?;
         let eps = endpoints.iter().cloned().map(|mut e| {
             e.port = port;
             e

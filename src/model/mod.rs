@@ -56,7 +56,11 @@ impl InvalidObject {
 
 impl fmt::Display for InvalidObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}: {}", self.kind, self.namespace, self.name, self.reason)
+        write!(
+            f,
+            "{} {}/{}: {}",
+            self.kind, self.namespace, self.name, self.reason
+        )
     }
 }
 
@@ -131,12 +135,16 @@ pub fn build(objects: &ClusterObjects, cfg: &ProxyConfig, local_addrs: &[IpAddr]
     let mut slice_eps: BTreeMap<PortKey, Vec<Vec<Endpoint>>> = BTreeMap::new();
     for slice in &objects.endpoint_slices {
         let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)) {
+        if labels.is_some_and(|l| {
+            l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)
+        }) {
             continue;
         }
         match endpoints::slice_endpoints(slice, &cfg.node_name) {
             Ok(info) => {
-                let (Some(svc), Some(family)) = (info.service, info.family) else { continue };
+                let (Some(svc), Some(family)) = (info.service, info.family) else {
+                    continue;
+                };
                 for ((port_name, proto), eps) in info.ports {
                     slice_eps
                         .entry((svc.clone(), family, port_name, proto))
@@ -152,7 +160,13 @@ pub fn build(objects: &ClusterObjects, cfg: &ProxyConfig, local_addrs: &[IpAddr]
         .into_iter()
         .map(|family| {
             let ctx = node_context(family, cfg, &node_ips, &objects.service_cidrs, local_addrs);
-            (family, FamilyState { node: ctx, services: ServicePlans::new() })
+            (
+                family,
+                FamilyState {
+                    node: ctx,
+                    services: ServicePlans::new(),
+                },
+            )
         })
         .collect();
 
@@ -175,11 +189,21 @@ pub fn build(objects: &ClusterObjects, cfg: &ProxyConfig, local_addrs: &[IpAddr]
         };
         for port in info.ports {
             let svc_name = port.name.service.clone();
-            if !seen.insert((svc_name.clone(), port.family, port.name.port.clone(), port.name.protocol)) {
+            if !seen.insert((
+                svc_name.clone(),
+                port.family,
+                port.name.port.clone(),
+                port.name.protocol,
+            )) {
                 // The same Service listed twice: the first copy wins.
                 continue;
             }
-            let key = (svc_name.clone(), port.family, port.name.port.clone(), port.name.protocol);
+            let key = (
+                svc_name.clone(),
+                port.family,
+                port.name.port.clone(),
+                port.name.protocol,
+            );
             let eps = endpoints::merge(
                 slice_eps
                     .get(&key)
@@ -189,15 +213,24 @@ pub fn build(objects: &ClusterObjects, cfg: &ProxyConfig, local_addrs: &[IpAddr]
                     .map(Vec::as_slice),
             );
             let categorized = topology::categorize(&port, &eps, topo);
-            let Some(fam) = families.get_mut(&port.family) else { continue };
-            fam.services.entry(svc_name).or_default().push(ServicePortPlan {
-                port,
-                endpoints: eps,
-                categorized,
-            });
+            let Some(fam) = families.get_mut(&port.family) else {
+                continue;
+            };
+            fam.services
+                .entry(svc_name)
+                .or_default()
+                .push(ServicePortPlan {
+                    port,
+                    endpoints: eps,
+                    categorized,
+                });
         }
     }
-    ProxyState { families, invalid, zone }
+    ProxyState {
+        families,
+        invalid,
+        zone,
+    }
 }
 
 /// The node's IPs from its status: InternalIP addresses first, then ExternalIP.
@@ -228,8 +261,17 @@ fn node_context(
     service_cidrs: &[ServiceCIDR],
     local_addrs: &[IpAddr],
 ) -> NodeContext {
-    let family_ips: Vec<IpAddr> = node_ips.iter().copied().filter(|ip| IpFamily::of(ip) == family).collect();
-    let specs: Vec<&str> = cfg.nodeport_addresses.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
+    let family_ips: Vec<IpAddr> = node_ips
+        .iter()
+        .copied()
+        .filter(|ip| IpFamily::of(ip) == family)
+        .collect();
+    let specs: Vec<&str> = cfg
+        .nodeport_addresses
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
     let nodeport_addresses = if specs.is_empty() || specs == ["primary"] {
         NodePortAddresses::Ips(family_ips.first().copied().into_iter().collect())
     } else {
@@ -308,7 +350,11 @@ mod tests {
     }
 
     fn ports_of(state: &ProxyState, family: IpFamily) -> usize {
-        state.families[&family].services.values().map(Vec::len).sum()
+        state.families[&family]
+            .services
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     /// Health-check node ports, one per Service (every port of it carries the same).
@@ -317,34 +363,53 @@ mod tests {
             .services
             .values()
             .flatten()
-            .filter_map(|p| p.port.health_check_node_port.map(|hc| (p.port.name.service.clone(), hc)))
+            .filter_map(|p| {
+                p.port
+                    .health_check_node_port
+                    .map(|hc| (p.port.name.service.clone(), hc))
+            })
             .collect();
         set.into_iter().map(|(_, hc)| hc).collect()
     }
 
     fn four_services() -> Vec<Service> {
         vec![
-            svc(json!({"metadata": {"namespace": "ns", "name": "cluster"}, "spec": {"clusterIP": "172.30.55.4",
-                "ports": [{"name": "a", "port": 1234, "protocol": "UDP"}, {"name": "b", "port": 1235, "protocol": "UDP"}, {"name": "c", "port": 1236, "protocol": "SCTP"}]}})),
-            svc(json!({"metadata": {"namespace": "ns", "name": "nodeport"}, "spec": {"type": "NodePort", "clusterIP": "172.30.55.10",
-                "ports": [{"name": "a", "port": 345, "nodePort": 30345}, {"name": "b", "port": 344, "nodePort": 30344}, {"name": "c", "port": 343, "nodePort": 30343, "protocol": "SCTP"}]}})),
-            svc(json!({"metadata": {"namespace": "ns", "name": "lb"}, "spec": {"type": "LoadBalancer", "clusterIP": "172.30.55.11", "loadBalancerIP": "1.2.3.4",
+            svc(
+                json!({"metadata": {"namespace": "ns", "name": "cluster"}, "spec": {"clusterIP": "172.30.55.4",
+                "ports": [{"name": "a", "port": 1234, "protocol": "UDP"}, {"name": "b", "port": 1235, "protocol": "UDP"}, {"name": "c", "port": 1236, "protocol": "SCTP"}]}}),
+            ),
+            svc(
+                json!({"metadata": {"namespace": "ns", "name": "nodeport"}, "spec": {"type": "NodePort", "clusterIP": "172.30.55.10",
+                "ports": [{"name": "a", "port": 345, "nodePort": 30345}, {"name": "b", "port": 344, "nodePort": 30344}, {"name": "c", "port": 343, "nodePort": 30343, "protocol": "SCTP"}]}}),
+            ),
+            svc(
+                json!({"metadata": {"namespace": "ns", "name": "lb"}, "spec": {"type": "LoadBalancer", "clusterIP": "172.30.55.11", "loadBalancerIP": "1.2.3.4",
                 "ports": [{"name": "a", "port": 8675, "nodePort": 30061}, {"name": "b", "port": 8676, "nodePort": 30062}]},
-                "status": {"loadBalancer": {"ingress": [{"ip": "10.1.2.4"}]}}})),
-            svc(json!({"metadata": {"namespace": "ns", "name": "lb-local"}, "spec": {"type": "LoadBalancer", "clusterIP": "172.30.55.12",
+                "status": {"loadBalancer": {"ingress": [{"ip": "10.1.2.4"}]}}}),
+            ),
+            svc(
+                json!({"metadata": {"namespace": "ns", "name": "lb-local"}, "spec": {"type": "LoadBalancer", "clusterIP": "172.30.55.12",
                 "externalTrafficPolicy": "Local", "healthCheckNodePort": 345,
                 "ports": [{"name": "a", "port": 8677, "nodePort": 30063}, {"name": "b", "port": 8678, "nodePort": 30064}]},
-                "status": {"loadBalancer": {"ingress": [{"ip": "10.1.2.3"}]}}})),
+                "status": {"loadBalancer": {"ingress": [{"ip": "10.1.2.3"}]}}}),
+            ),
         ]
     }
 
     #[test]
     fn build_service_map_add_remove() {
-        let mut objs = ClusterObjects { services: four_services(), ..Default::default() };
+        let mut objs = ClusterObjects {
+            services: four_services(),
+            ..Default::default()
+        };
         let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
         assert_eq!(ports_of(&state, IpFamily::V4), 10);
         assert_eq!(ports_of(&state, IpFamily::V6), 0);
-        assert_eq!(hc_ports(&state), [345], "only eTP=Local LoadBalancers get a health check");
+        assert_eq!(
+            hc_ports(&state),
+            [345],
+            "only eTP=Local LoadBalancers get a health check"
+        );
 
         objs.services.truncate(1);
         objs.services[0] = svc(json!({"metadata": {"namespace": "ns", "name": "cluster"},
@@ -358,10 +423,18 @@ mod tests {
     fn headless_external_name_and_unallocated_are_ignored() {
         let objs = ClusterObjects {
             services: vec![
-                svc(json!({"metadata": {"namespace": "ns", "name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
-                svc(json!({"metadata": {"namespace": "ns", "name": "h2"}, "spec": {"clusterIP": "None"}})),
-                svc(json!({"metadata": {"namespace": "ns", "name": "e"}, "spec": {"type": "ExternalName", "externalName": "x.example", "clusterIP": "172.30.0.9", "ports": [{"port": 80}]}})),
-                svc(json!({"metadata": {"namespace": "ns", "name": "pending"}, "spec": {"ports": [{"port": 80}]}})),
+                svc(
+                    json!({"metadata": {"namespace": "ns", "name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+                ),
+                svc(
+                    json!({"metadata": {"namespace": "ns", "name": "h2"}, "spec": {"clusterIP": "None"}}),
+                ),
+                svc(
+                    json!({"metadata": {"namespace": "ns", "name": "e"}, "spec": {"type": "ExternalName", "externalName": "x.example", "clusterIP": "172.30.0.9", "ports": [{"port": 80}]}}),
+                ),
+                svc(
+                    json!({"metadata": {"namespace": "ns", "name": "pending"}, "spec": {"ports": [{"port": 80}]}}),
+                ),
             ],
             ..Default::default()
         };
@@ -373,20 +446,28 @@ mod tests {
     #[test]
     fn dual_stack_ports_get_their_own_family_addresses() {
         let objs = ClusterObjects {
-            services: vec![svc(json!({"metadata": {"namespace": "ns", "name": "d"}, "spec": {
+            services: vec![svc(
+                json!({"metadata": {"namespace": "ns", "name": "d"}, "spec": {
                 "type": "LoadBalancer", "clusterIPs": ["172.30.0.5", "fd00:10:96::5"],
                 "externalIPs": ["192.168.99.1", "2001:db8:99::1"],
                 "loadBalancerSourceRanges": ["203.0.113.0/25", "2001:db8:ff::/64"],
                 "ports": [{"port": 80, "nodePort": 30080}]},
-                "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}, {"ip": "2001:db8:aa::4"}]}}}))],
+                "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}, {"ip": "2001:db8:aa::4"}]}}}),
+            )],
             ..Default::default()
         };
         let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
         for family in IpFamily::ALL {
-            let ports: Vec<_> = state.families[&family].services.values().flatten().collect();
+            let ports: Vec<_> = state.families[&family]
+                .services
+                .values()
+                .flatten()
+                .collect();
             assert_eq!(ports.len(), 1, "{family}");
             let p = &ports[0].port;
-            let all = std::iter::once(p.cluster_ip).chain(p.external_ips.iter().copied()).chain(p.load_balancer_ips.iter().copied());
+            let all = std::iter::once(p.cluster_ip)
+                .chain(p.external_ips.iter().copied())
+                .chain(p.load_balancer_ips.iter().copied());
             for ip in all {
                 assert_eq!(IpFamily::of(&ip), family, "{ip} in {family}");
             }
@@ -399,32 +480,51 @@ mod tests {
     #[test]
     fn endpoints_merged_across_slices_deduplicated_and_sorted() {
         let objs = ClusterObjects {
-            services: vec![svc(json!({"metadata": {"namespace": "ns", "name": "s"}, "spec": {
-                "clusterIP": "172.30.0.5", "internalTrafficPolicy": "Local", "ports": [{"name": "p", "port": 80}]}}))],
+            services: vec![svc(
+                json!({"metadata": {"namespace": "ns", "name": "s"}, "spec": {
+                "clusterIP": "172.30.0.5", "internalTrafficPolicy": "Local", "ports": [{"name": "p", "port": 80}]}}),
+            )],
             endpoint_slices: vec![
-                slice(json!({"metadata": {"namespace": "ns", "name": "s-1", "labels": {"kubernetes.io/service-name": "s"}},
+                slice(
+                    json!({"metadata": {"namespace": "ns", "name": "s-1", "labels": {"kubernetes.io/service-name": "s"}},
                     "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}],
                     "endpoints": [{"addresses": ["10.0.0.9"], "nodeName": "node-a"},
-                                  {"addresses": ["10.0.0.10"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}}]})),
-                slice(json!({"metadata": {"namespace": "ns", "name": "s-2", "labels": {"kubernetes.io/service-name": "s"}},
+                                  {"addresses": ["10.0.0.10"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}}]}),
+                ),
+                slice(
+                    json!({"metadata": {"namespace": "ns", "name": "s-2", "labels": {"kubernetes.io/service-name": "s"}},
                     "addressType": "IPv4", "ports": [{"name": "p", "port": 8080}],
                     "endpoints": [{"addresses": ["10.0.0.10"], "nodeName": "node-b"},
-                                  {"addresses": ["10.0.0.1"], "nodeName": "node-b"}]})),
+                                  {"addresses": ["10.0.0.1"], "nodeName": "node-b"}]}),
+                ),
                 // Another port name: not this service port's endpoints.
-                slice(json!({"metadata": {"namespace": "ns", "name": "s-3", "labels": {"kubernetes.io/service-name": "s"}},
+                slice(
+                    json!({"metadata": {"namespace": "ns", "name": "s-3", "labels": {"kubernetes.io/service-name": "s"}},
                     "addressType": "IPv4", "ports": [{"name": "other", "port": 9090}],
-                    "endpoints": [{"addresses": ["10.0.0.99"]}]})),
+                    "endpoints": [{"addresses": ["10.0.0.99"]}]}),
+                ),
             ],
             ..Default::default()
         };
         let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
         let plan = &state.families[&IpFamily::V4].services[&ServiceName::new("ns", "s")][0];
         let eps: Vec<String> = plan.endpoints.iter().map(|e| e.to_string()).collect();
-        assert_eq!(eps, ["10.0.0.10:8080", "10.0.0.1:8080", "10.0.0.9:8080"], "sorted as text, like upstream");
-        assert!(!plan.endpoints[0].terminating, "the non-terminating duplicate wins");
+        assert_eq!(
+            eps,
+            ["10.0.0.10:8080", "10.0.0.1:8080", "10.0.0.9:8080"],
+            "sorted as text, like upstream"
+        );
+        assert!(
+            !plan.endpoints[0].terminating,
+            "the non-terminating duplicate wins"
+        );
         assert_eq!(plan.port.internal_policy, TrafficPolicy::Local);
         assert_eq!(plan.categorized.local.len(), 1);
-        assert!(plan.endpoints.iter().find(|e| e.ip.to_string() == "10.0.0.9").is_some_and(|e| e.is_local));
+        assert!(plan
+            .endpoints
+            .iter()
+            .find(|e| e.ip.to_string() == "10.0.0.9")
+            .is_some_and(|e| e.is_local));
     }
 
     #[test]
@@ -433,23 +533,48 @@ mod tests {
             "status": {"addresses": [{"type": "Hostname", "address": "node-a"}, {"type": "ExternalIP", "address": "1.1.1.1"},
                                      {"type": "InternalIP", "address": "192.168.0.2"}, {"type": "InternalIP", "address": "2001:db8::1"}]}}))
         .expect("node");
-        let objs = ClusterObjects { nodes: vec![node], ..Default::default() };
-        let local: Vec<IpAddr> = ["127.0.0.1", "192.168.0.2", "192.168.1.2", "10.9.9.9", "2001:db8::1"]
-            .iter()
-            .map(|s| s.parse().expect("ip"))
-            .collect();
+        let objs = ClusterObjects {
+            nodes: vec![node],
+            ..Default::default()
+        };
+        let local: Vec<IpAddr> = [
+            "127.0.0.1",
+            "192.168.0.2",
+            "192.168.1.2",
+            "10.9.9.9",
+            "2001:db8::1",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("ip"))
+        .collect();
         let mut cfg = ProxyConfig::new("node-a");
-        let ctx = |cfg: &ProxyConfig, f| build(&objs, cfg, &local).families[&f].node.nodeport_addresses.clone();
+        let ctx = |cfg: &ProxyConfig, f| {
+            build(&objs, cfg, &local).families[&f]
+                .node
+                .nodeport_addresses
+                .clone()
+        };
         let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
-        assert_eq!(ctx(&cfg, IpFamily::V4), NodePortAddresses::Ips(vec![ip("192.168.0.2")]), "primary by default");
-        assert_eq!(ctx(&cfg, IpFamily::V6), NodePortAddresses::Ips(vec![ip("2001:db8::1")]));
+        assert_eq!(
+            ctx(&cfg, IpFamily::V4),
+            NodePortAddresses::Ips(vec![ip("192.168.0.2")]),
+            "primary by default"
+        );
+        assert_eq!(
+            ctx(&cfg, IpFamily::V6),
+            NodePortAddresses::Ips(vec![ip("2001:db8::1")])
+        );
         cfg.nodeport_addresses = vec!["192.168.0.0/16".into(), "127.0.0.0/8".into()];
         assert_eq!(
             ctx(&cfg, IpFamily::V4),
             NodePortAddresses::Ips(vec![ip("192.168.0.2"), ip("192.168.1.2")]),
             "CIDRs select local addresses, never loopback"
         );
-        assert_eq!(ctx(&cfg, IpFamily::V6), NodePortAddresses::Ips(vec![]), "no CIDR of this family");
+        assert_eq!(
+            ctx(&cfg, IpFamily::V6),
+            NodePortAddresses::Ips(vec![]),
+            "no CIDR of this family"
+        );
         cfg.nodeport_addresses = vec!["0.0.0.0/0".into()];
         assert_eq!(ctx(&cfg, IpFamily::V4), NodePortAddresses::All);
     }

@@ -3,7 +3,9 @@
 use super::InvalidObject;
 use crate::ip::{parse_cidr, parse_ip};
 use k8s_openapi::api::core::v1::Service;
-use kproxy_backend_api::{IpFamily, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
+use kproxy_backend_api::{
+    IpFamily, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy,
+};
 use std::net::IpAddr;
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -24,7 +26,10 @@ fn invalid(svc: &Service, reason: String) -> InvalidObject {
 /// the field; nothing half-valid is ever programmed.
 pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
     let name = ServiceName::new(
-        svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        svc.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         svc.metadata.name.clone().unwrap_or_default(),
     );
     if name.name.is_empty() {
@@ -61,9 +66,7 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
         list.map(Vec::as_slice)
             .unwrap_or_default()
             .iter()
-            .map(|s| {
-                parse_ip(s).ok_or_else(|| invalid(svc, format!("{field}: invalid IP {s:?}")))
-            })
+            .map(|s| parse_ip(s).ok_or_else(|| invalid(svc, format!("{field}: invalid IP {s:?}"))))
             .collect()
     };
     let external_ips = ips("spec.externalIPs", spec.external_ips.as_ref())?;
@@ -83,16 +86,26 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
             }
             if let Some(ip) = &ing.ip {
                 let parsed = parse_ip(ip).ok_or_else(|| {
-                    invalid(svc, format!("status.loadBalancer.ingress.ip: invalid IP {ip:?}"))
+                    invalid(
+                        svc,
+                        format!("status.loadBalancer.ingress.ip: invalid IP {ip:?}"),
+                    )
                 })?;
                 lb_ips.push(parsed);
             }
         }
     }
     let mut source_ranges = Vec::new();
-    for r in spec.load_balancer_source_ranges.as_deref().unwrap_or_default() {
+    for r in spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default()
+    {
         let net = parse_cidr(r).ok_or_else(|| {
-            invalid(svc, format!("spec.loadBalancerSourceRanges: invalid CIDR {r:?}"))
+            invalid(
+                svc,
+                format!("spec.loadBalancerSourceRanges: invalid CIDR {r:?}"),
+            )
         })?;
         source_ranges.push(net);
     }
@@ -114,7 +127,10 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
         }
         None | Some("None") => None,
         Some(other) => {
-            return Err(invalid(svc, format!("spec.sessionAffinity: unknown value {other:?}")))
+            return Err(invalid(
+                svc,
+                format!("spec.sessionAffinity: unknown value {other:?}"),
+            ))
         }
     };
     let policy = |field: &str, v: Option<&str>| match v {
@@ -123,14 +139,23 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
         Some(other) => Err(invalid(svc, format!("{field}: unknown value {other:?}"))),
     };
     let node_port_capable = is_lb || svc_type == "NodePort";
-    let external_policy = policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
-    let internal_policy = policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
+    let external_policy = policy(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
+    let internal_policy = policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
     let health_check_node_port = match spec.health_check_node_port {
-        Some(p) if is_lb && external_policy == TrafficPolicy::Local && p != 0 => Some(
-            port_number(p).ok_or_else(|| {
-                invalid(svc, format!("spec.healthCheckNodePort: {p} is out of range"))
-            })?,
-        ),
+        Some(p) if is_lb && external_policy == TrafficPolicy::Local && p != 0 => {
+            Some(port_number(p).ok_or_else(|| {
+                invalid(
+                    svc,
+                    format!("spec.healthCheckNodePort: {p} is out of range"),
+                )
+            })?)
+        }
         _ => None,
     };
 
@@ -139,14 +164,23 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
     for (i, sp) in spec.ports.as_deref().unwrap_or_default().iter().enumerate() {
         let proto_text = sp.protocol.as_deref().unwrap_or("TCP");
         let protocol = Protocol::from_k8s(proto_text).ok_or_else(|| {
-            invalid(svc, format!("spec.ports[{i}].protocol: unknown protocol {proto_text:?}"))
+            invalid(
+                svc,
+                format!("spec.ports[{i}].protocol: unknown protocol {proto_text:?}"),
+            )
         })?;
         let port = port_number(sp.port).ok_or_else(|| {
-            invalid(svc, format!("spec.ports[{i}].port: {} is out of range 1-65535", sp.port))
+            invalid(
+                svc,
+                format!("spec.ports[{i}].port: {} is out of range 1-65535", sp.port),
+            )
         })?;
         let node_port = match sp.node_port {
             Some(np) if node_port_capable && np != 0 => Some(port_number(np).ok_or_else(|| {
-                invalid(svc, format!("spec.ports[{i}].nodePort: {np} is out of range"))
+                invalid(
+                    svc,
+                    format!("spec.ports[{i}].nodePort: {np} is out of range"),
+                )
             })?),
             _ => None,
         };
@@ -158,12 +192,17 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
             ));
         }
         for family in IpFamily::ALL {
-            let Some(cluster_ip) = parsed_cluster_ips.iter().find(|ip| IpFamily::of(ip) == family)
+            let Some(cluster_ip) = parsed_cluster_ips
+                .iter()
+                .find(|ip| IpFamily::of(ip) == family)
             else {
                 continue;
             };
             let of_family = |v: &[IpAddr]| -> Vec<IpAddr> {
-                v.iter().copied().filter(|ip| IpFamily::of(ip) == family).collect()
+                v.iter()
+                    .copied()
+                    .filter(|ip| IpFamily::of(ip) == family)
+                    .collect()
             };
             out.ports.push(ServicePort {
                 name: ServicePortName::new(name.clone(), port_name.clone(), protocol),

@@ -26,7 +26,9 @@ pub fn topology_mode(endpoints: &[Endpoint], node: NodeTopology<'_>) -> Topology
     }
     if !node.node_name.is_empty()
         && ready.iter().all(|e| !e.node_hints.is_empty())
-        && ready.iter().any(|e| e.node_hints.iter().any(|n| n == node.node_name))
+        && ready
+            .iter()
+            .any(|e| e.node_hints.iter().any(|n| n == node.node_name))
     {
         return TopologyMode::PreferSameNode {
             node: node.node_name.to_string(),
@@ -92,7 +94,11 @@ pub fn categorize(
         }
     }
     if has_local_ready {
-        out.local = endpoints.iter().filter(|e| e.is_local && e.ready).cloned().collect();
+        out.local = endpoints
+            .iter()
+            .filter(|e| e.is_local && e.ready)
+            .cloned()
+            .collect();
     } else if has_local_serving_terminating {
         out.local = endpoints
             .iter()
@@ -143,7 +149,14 @@ mod tests {
     use TrafficPolicy::{Cluster, Local};
 
     /// `ep("10.0.0.1", local, ready, serving, terminating, zones)`.
-    fn ep(ip: &str, local: bool, ready: bool, serving: bool, terminating: bool, zones: &[&str]) -> Endpoint {
+    fn ep(
+        ip: &str,
+        local: bool,
+        ready: bool,
+        serving: bool,
+        terminating: bool,
+        zones: &[&str],
+    ) -> Endpoint {
         Endpoint {
             ip: ip.parse().expect("ip"),
             port: 80,
@@ -172,7 +185,12 @@ mod tests {
         ];
         let c = categorize(&port(Cluster, Cluster, false), &eps, NODE);
         assert_eq!(ips(&c.cluster), ["10.1.2.3", "10.1.2.6"]);
-        assert_eq!(c.topology, TopologyMode::PreferSameZone { zone: "zone-a".into() });
+        assert_eq!(
+            c.topology,
+            TopologyMode::PreferSameZone {
+                zone: "zone-a".into()
+            }
+        );
         assert!(c.local.is_empty());
         assert_eq!(ips(&c.all_reachable), ips(&c.cluster));
     }
@@ -193,11 +211,22 @@ mod tests {
             ep("10.1.2.3", false, true, true, false, &["zone-a"]),
             ep("10.1.2.4", false, true, true, false, &["zone-b"]),
         ];
-        let no_zone = NodeTopology { node_name: "node-a", zone: None };
+        let no_zone = NodeTopology {
+            node_name: "node-a",
+            zone: None,
+        };
         let c = categorize(&port(Cluster, Cluster, false), &hinted, no_zone);
         assert_eq!(c.cluster.len(), 2);
-        let empty_zone = NodeTopology { node_name: "node-a", zone: Some("") };
-        assert_eq!(categorize(&port(Cluster, Cluster, false), &hinted, empty_zone).cluster.len(), 2);
+        let empty_zone = NodeTopology {
+            node_name: "node-a",
+            zone: Some(""),
+        };
+        assert_eq!(
+            categorize(&port(Cluster, Cluster, false), &hinted, empty_zone)
+                .cluster
+                .len(),
+            2
+        );
 
         let one_missing = vec![
             ep("10.1.2.3", false, true, true, false, &["zone-a"]),
@@ -211,7 +240,12 @@ mod tests {
             ep("10.1.2.3", false, true, true, false, &["zone-b"]),
             ep("10.1.2.4", false, true, true, false, &["zone-c"]),
         ];
-        assert_eq!(categorize(&port(Cluster, Cluster, false), &other_zones, NODE).cluster.len(), 2);
+        assert_eq!(
+            categorize(&port(Cluster, Cluster, false), &other_zones, NODE)
+                .cluster
+                .len(),
+            2
+        );
     }
 
     #[test]
@@ -222,7 +256,12 @@ mod tests {
         ];
         let c = categorize(&port(Cluster, Cluster, false), &eps, NODE);
         assert_eq!(ips(&c.cluster), ["10.1.2.3"]);
-        assert_eq!(c.topology, TopologyMode::PreferSameZone { zone: "zone-a".into() });
+        assert_eq!(
+            c.topology,
+            TopologyMode::PreferSameZone {
+                zone: "zone-a".into()
+            }
+        );
 
         // Only unready endpoints in our zone: the mode needs a Ready one hinted for us.
         let eps = vec![
@@ -242,7 +281,12 @@ mod tests {
         b.node_hints = vec!["node-b".into()];
         let c = categorize(&port(Cluster, Cluster, false), &[a, b], NODE);
         assert_eq!(ips(&c.cluster), ["10.1.2.3"]);
-        assert_eq!(c.topology, TopologyMode::PreferSameNode { node: "node-a".into() });
+        assert_eq!(
+            c.topology,
+            TopologyMode::PreferSameNode {
+                node: "node-a".into()
+            }
+        );
     }
 
     #[test]
@@ -258,7 +302,10 @@ mod tests {
         assert_eq!(ips(&c.all_reachable), ["10.1.2.3", "10.1.2.4"]);
 
         let c = categorize(&port(Local, Cluster, false), &eps, NODE);
-        assert!(c.cluster.is_empty(), "iTP=Local without external access uses no cluster endpoints");
+        assert!(
+            c.cluster.is_empty(),
+            "iTP=Local without external access uses no cluster endpoints"
+        );
         assert_eq!(ips(&c.local), ["10.1.2.3"]);
         assert_eq!(ips(&c.all_reachable), ["10.1.2.3"]);
     }
@@ -274,7 +321,10 @@ mod tests {
             ep("10.0.0.2", false, true, true, false, &[]),
         ];
         let c = categorize(&p, &remote_only, NODE);
-        assert!(c.has_any_endpoints, "remote endpoints exist: DROP, not REJECT");
+        assert!(
+            c.has_any_endpoints,
+            "remote endpoints exist: DROP, not REJECT"
+        );
         assert!(c.local.is_empty() && c.all_reachable.is_empty());
 
         let all_local = vec![
@@ -337,7 +387,11 @@ mod tests {
             ep("10.0.0.2", false, false, true, true, &[]),
         ];
         let c = categorize(&port(Local, Local, true), &eps, NODE);
-        assert_eq!(ips(&c.cluster), ["10.0.0.1", "10.0.0.2"], "externally accessible: short-circuit needs cluster");
+        assert_eq!(
+            ips(&c.cluster),
+            ["10.0.0.1", "10.0.0.2"],
+            "externally accessible: short-circuit needs cluster"
+        );
         assert!(c.local.is_empty());
         assert!(c.has_any_endpoints);
     }

@@ -34,6 +34,7 @@
 // part of it; without this every binary would warn about the rest.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod netns;
 pub mod probe;
 pub mod process;
@@ -42,6 +43,7 @@ pub mod server;
 mod sys;
 pub mod topology;
 
+pub use cluster::*;
 pub use netns::Netns;
 pub use probe::{
     probe, probe_many, probe_sctp, probe_tcp, probe_udp, Outcome, Probe, Proto, Tally,

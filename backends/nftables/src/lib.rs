@@ -58,7 +58,12 @@ struct ElementOwners {
 }
 
 impl ElementOwners {
-    fn remove(&mut self, owner: &Owner, elements: &[objects::Element], touched: &mut BTreeSet<(MapId, ElemKey)>) {
+    fn remove(
+        &mut self,
+        owner: &Owner,
+        elements: &[objects::Element],
+        touched: &mut BTreeSet<(MapId, ElemKey)>,
+    ) {
         for e in elements {
             let k = (e.map, e.key.clone());
             if let Some(o) = self.owners.get_mut(&k) {
@@ -71,7 +76,12 @@ impl ElementOwners {
         }
     }
 
-    fn add(&mut self, owner: &Owner, elements: &[objects::Element], touched: &mut BTreeSet<(MapId, ElemKey)>) {
+    fn add(
+        &mut self,
+        owner: &Owner,
+        elements: &[objects::Element],
+        touched: &mut BTreeSet<(MapId, ElemKey)>,
+    ) {
         for e in elements {
             let k = (e.map, e.key.clone());
             self.owners
@@ -142,7 +152,9 @@ impl<W: NftWriter> NftablesBackend<W> {
             .map_err(|e| BackendError::ReadBack(e.to_string()))?;
         match text {
             None => Ok(LiveState::default()),
-            Some(t) => LiveState::from_nft_json(&t).map_err(|e| BackendError::ReadBack(e.to_string())),
+            Some(t) => {
+                LiveState::from_nft_json(&t).map_err(|e| BackendError::ReadBack(e.to_string()))
+            }
         }
     }
 }
@@ -375,7 +387,12 @@ impl<W: NftWriter> NftablesBackend<W> {
         live: &LiveState,
         node: &NodeContext,
         services: &ServicePlans,
-    ) -> (Transaction, Vec<(ObjName, u64)>, HashMap<ServiceName, ServiceObjects>, ElementOwners) {
+    ) -> (
+        Transaction,
+        Vec<(ObjName, u64)>,
+        HashMap<ServiceName, ServiceObjects>,
+        ElementOwners,
+    ) {
         let skeleton = objects::static_objects(node);
         let mut planner = Planner::new(self.family, live);
         planner.skeleton(&skeleton);
@@ -542,5 +559,238 @@ impl<W: NftWriter> NftablesBackend<W> {
                 Err(BackendError::Apply(e.to_string()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Diff behaviour with a writer that records transactions instead of applying them.
+    use super::*;
+    use kproxy_backend_api::{
+        CategorizedEndpoints, Endpoint, Protocol, ServicePort, ServicePortName, ServicePortPlan,
+        TrafficPolicy,
+    };
+    use writer::WriterError;
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        applied: Vec<Transaction>,
+        fail_next: bool,
+    }
+
+    impl NftWriter for Recorder {
+        fn apply(&mut self, tx: &Transaction) -> Result<(), WriterError> {
+            if std::mem::take(&mut self.fail_next) {
+                return Err(WriterError::Refused("injected failure".into()));
+            }
+            self.applied.push(tx.clone());
+            Ok(())
+        }
+        fn list_table(&mut self, _: IpFamily) -> Result<Option<String>, WriterError> {
+            Ok(None)
+        }
+        fn delete_table(&mut self, _: IpFamily) -> Result<(), WriterError> {
+            Ok(())
+        }
+    }
+
+    fn ep(ip: &str) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().expect("ip"),
+            port: 80,
+            node_name: None,
+            zone: None,
+            is_local: false,
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone_hints: vec![],
+            node_hints: vec![],
+        }
+    }
+
+    fn service(name: &str, cip: &str, eps: &[&str]) -> (ServiceName, Vec<ServicePortPlan>) {
+        let svc = ServiceName::new("ns", name);
+        let endpoints: Vec<Endpoint> = eps.iter().map(|i| ep(i)).collect();
+        let plan = ServicePortPlan {
+            port: ServicePort {
+                name: ServicePortName::new(svc.clone(), "p80", Protocol::Tcp),
+                family: IpFamily::V4,
+                cluster_ip: cip.parse().expect("ip"),
+                port: 80,
+                node_port: None,
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                source_ranges: vec![],
+                session_affinity_seconds: None,
+                external_policy: TrafficPolicy::Cluster,
+                internal_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
+            },
+            categorized: CategorizedEndpoints {
+                cluster: endpoints.clone(),
+                all_reachable: endpoints.clone(),
+                has_any_endpoints: !endpoints.is_empty(),
+                ..Default::default()
+            },
+            endpoints,
+        };
+        (svc, vec![plan])
+    }
+
+    fn node() -> NodeContext {
+        let mut n = NodeContext::empty(IpFamily::V4, "node-a");
+        n.cluster_cidrs = vec!["10.0.0.0/8".parse().expect("net")];
+        n
+    }
+
+    fn changed(names: &[&str]) -> Changes {
+        Changes::Services(names.iter().map(|n| ServiceName::new("ns", *n)).collect())
+    }
+
+    fn backend_with(services: &ServicePlans) -> NftablesBackend<Recorder> {
+        let mut b = NftablesBackend::new(IpFamily::V4, Recorder::default());
+        let r = b
+            .sync(&node(), services, &Changes::Full)
+            .expect("full sync");
+        assert!(r.full);
+        b
+    }
+
+    fn touches_only(tx: &Transaction, svc: &str) {
+        let text = tx.render();
+        for line in text.lines() {
+            assert!(
+                line.contains(&format!("ns/{svc}/")) || line.contains("element"),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_op_sync_sends_nothing() {
+        let services: ServicePlans = [service("a", "172.30.0.1", &["10.0.0.1"])]
+            .into_iter()
+            .collect();
+        let mut b = backend_with(&services);
+        let r = b.sync(&node(), &services, &changed(&["a"])).expect("sync");
+        assert_eq!(r.operations, 0);
+        assert!(b.last_transaction().is_none());
+        assert_eq!(
+            b.writer_mut().applied.len(),
+            1,
+            "only the initial full sync was sent"
+        );
+    }
+
+    #[test]
+    fn adding_an_endpoint_touches_only_that_service() {
+        let mut services: ServicePlans = [
+            service("a", "172.30.0.1", &["10.0.0.1"]),
+            service("b", "172.30.0.2", &["10.0.0.2"]),
+        ]
+        .into_iter()
+        .collect();
+        let mut b = backend_with(&services);
+        let (k, v) = service("a", "172.30.0.1", &["10.0.0.1", "10.0.0.3"]);
+        services.insert(k, v);
+        let r = b.sync(&node(), &services, &changed(&["a"])).expect("sync");
+        let tx = b.last_transaction().expect("sent");
+        // New endpoint chain (add + 2 rules), service chain rewritten (flush + 2 rules).
+        assert_eq!(r.operations, 6, "{}", tx.render());
+        touches_only(tx, "a");
+    }
+
+    #[test]
+    fn service_lifecycle_op_counts() {
+        let mut services = ServicePlans::new();
+        let mut b = backend_with(&services);
+        // Add a service with one endpoint: endpoint chain (1+2), service chain (1+2),
+        // cluster-ips and service-ips elements.
+        let (k, v) = service("a", "172.30.0.1", &["10.0.0.1"]);
+        services.insert(k.clone(), v);
+        assert_eq!(
+            b.sync(&node(), &services, &changed(&["a"]))
+                .expect("add")
+                .operations,
+            8
+        );
+        // Change the endpoint's IP: new chain (3), service chain rewrite (3), old chain
+        // flushed and deleted (2).
+        services.insert(k.clone(), service("a", "172.30.0.1", &["10.0.0.9"]).1);
+        assert_eq!(
+            b.sync(&node(), &services, &changed(&["a"]))
+                .expect("move")
+                .operations,
+            8
+        );
+        // Empty the endpoints: service-ips element replaced by a reject element, both
+        // chains removed (flush+delete each).
+        services.insert(k.clone(), service("a", "172.30.0.1", &[]).1);
+        let r = b.sync(&node(), &services, &changed(&["a"])).expect("empty");
+        let text = b.last_transaction().expect("sent").render();
+        assert_eq!(r.operations, 6, "{text}");
+        assert!(text.contains("no-endpoint-services { 172.30.0.1 . tcp . 80 comment \"ns/a:p80\" : goto reject-chain }"));
+        // Delete the service: two element deletes, nothing else.
+        services.remove(&k);
+        let r = b
+            .sync(&node(), &services, &changed(&["a"]))
+            .expect("delete");
+        assert_eq!(
+            r.operations,
+            2,
+            "{}",
+            b.last_transaction().expect("sent").render()
+        );
+        assert_eq!(b.live().expect("live").element_count(), 0);
+        assert!(b
+            .live()
+            .expect("live")
+            .chains
+            .keys()
+            .all(|c| !c.is_per_service()));
+    }
+
+    #[test]
+    fn failed_apply_makes_the_next_sync_full() {
+        let mut services: ServicePlans = [service("a", "172.30.0.1", &["10.0.0.1"])]
+            .into_iter()
+            .collect();
+        let mut b = backend_with(&services);
+        services.insert(
+            ServiceName::new("ns", "a"),
+            service("a", "172.30.0.1", &["10.0.0.2"]).1,
+        );
+        b.writer_mut().fail_next = true;
+        assert!(b.sync(&node(), &services, &changed(&["a"])).is_err());
+        let r = b.sync(&node(), &services, &changed(&["a"])).expect("retry");
+        assert!(r.full, "a failure forces a full sync");
+    }
+
+    #[test]
+    fn shared_keys_stay_until_their_last_owner_goes() {
+        // Two services claim the same ClusterIP (a misconfiguration): the element must
+        // survive the removal of either one.
+        let mut services: ServicePlans = [
+            service("a", "172.30.0.1", &["10.0.0.1"]),
+            service("b", "172.30.0.1", &["10.0.0.2"]),
+        ]
+        .into_iter()
+        .collect();
+        let mut b = backend_with(&services);
+        services.remove(&ServiceName::new("ns", "a"));
+        b.sync(&node(), &services, &changed(&["a"])).expect("sync");
+        let live = b.live().expect("live");
+        let key = (
+            MapId::ServiceIps,
+            ElemKey::AddrProtoPort("172.30.0.1".parse().expect("ip"), Protocol::Tcp, 80),
+        );
+        let v = live.elements[&key.0].get(&key.1).cloned().flatten();
+        assert!(
+            matches!(&v, Some(Verdict::Goto(c)) if c.as_str().ends_with("ns/b/tcp/p80")),
+            "{v:?}"
+        );
+        assert!(live.elements[&MapId::ClusterIps]
+            .contains_key(&ElemKey::Addr("172.30.0.1".parse().expect("ip"))));
     }
 }

@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn service_chain_name_has_hash_and_readable_tail() {
-        let n = service_chain(ServiceChainKind::Service, &spn("testing", "service", "http"));
+        let n = service_chain(
+            ServiceChainKind::Service,
+            &spn("testing", "service", "http"),
+        );
         let s = n.as_str();
         assert!(s.starts_with("service-"), "{s}");
         assert!(s.ends_with("-testing/service/tcp/http"), "{s}");
@@ -176,14 +179,22 @@ mod tests {
         assert_ne!(a, c);
         assert_ne!(a.as_str()[8..16], c.as_str()[8..16]);
         // Same hash for the same port, different prefix.
-        assert_eq!(a.as_str()["service-".len()..], d.as_str()["external-".len()..]);
+        assert_eq!(
+            a.as_str()["service-".len()..],
+            d.as_str()["external-".len()..]
+        );
     }
 
     #[test]
     fn endpoint_chain_name_format_and_ipv6() {
-        let n = endpoint_chain(&spn("testing", "service", "http"), &ep("10.180.0.1", 80), None);
+        let n = endpoint_chain(
+            &spn("testing", "service", "http"),
+            &ep("10.180.0.1", 80),
+            None,
+        );
         assert!(
-            n.as_str().ends_with("-testing/service/tcp/http__10.180.0.1/80"),
+            n.as_str()
+                .ends_with("-testing/service/tcp/http__10.180.0.1/80"),
             "{n}"
         );
         let v6 = endpoint_chain(
@@ -216,13 +227,24 @@ mod tests {
         let long_svc = "s".repeat(63);
         let long_port = "p".repeat(15);
         let p = spn(&long_ns, &long_svc, &long_port);
-        let a = endpoint_chain(&p, &ep("fd80:abcd:12:3456:789a:bcde:f012:3456", 65535), None);
-        let b = endpoint_chain(&p, &ep("fd80:abcd:12:3456:789a:bcde:f012:3457", 65535), None);
+        let a = endpoint_chain(
+            &p,
+            &ep("fd80:abcd:12:3456:789a:bcde:f012:3456", 65535),
+            None,
+        );
+        let b = endpoint_chain(
+            &p,
+            &ep("fd80:abcd:12:3456:789a:bcde:f012:3457", 65535),
+            None,
+        );
         // Within limits even in the worst case.
         assert!(a.as_str().len() <= MAX_NAME_LEN);
         let svc = service_chain(ServiceChainKind::Firewall, &p);
         assert!(svc.as_str().len() <= MAX_NAME_LEN);
-        assert!(!svc.as_str().ends_with("..."), "service names fit untruncated");
+        assert!(
+            !svc.as_str().ends_with("..."),
+            "service names fit untruncated"
+        );
         assert_ne!(a, b);
         // A truncated name ends with the marker.
         let very_long = ServicePortName::new(

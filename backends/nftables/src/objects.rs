@@ -459,7 +459,10 @@ fn port_objects(node: &NodeContext, plan: &ServicePortPlan, out: &mut ServiceObj
 
     // Endpoint chains: hairpin masquerade, affinity bookkeeping, DNAT.
     for ep in &cat.all_reachable {
-        let mut rules = vec![Rule::new(vec![saddr_is(ep.ip)], vec![mark_for_masquerade()])];
+        let mut rules = vec![Rule::new(
+            vec![saddr_is(ep.ip)],
+            vec![mark_for_masquerade()],
+        )];
         if let Some(timeout) = affinity {
             let set = names::affinity_set(name, ep, timeout);
             rules.push(Rule::new(vec![], vec![Stmt::UpdateSaddr(set.clone())]));

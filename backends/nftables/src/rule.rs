@@ -63,11 +63,17 @@ pub enum Stmt {
     /// `masquerade fully-random`.
     Masquerade,
     /// `meta l4proto P dnat to ADDR`.
-    Dnat { protocol: Protocol, to: SocketAddr },
+    Dnat {
+        protocol: Protocol,
+        to: SocketAddr,
+    },
     /// `numgen random mod N vmap { 0 : goto c0, … }`: random load balancing.
     NumgenVmap(Vec<ObjName>),
     /// `<key> vmap @map`.
-    Vmap { key: VmapKey, map: ObjName },
+    Vmap {
+        key: VmapKey,
+        map: ObjName,
+    },
     /// `update @set { ip saddr }`: remember the client for session affinity.
     UpdateSaddr(ObjName),
 }
@@ -247,7 +253,10 @@ mod tests {
     fn renders_numgen_dnat_and_comments() {
         let r = Rule::new(
             vec![],
-            vec![Stmt::NumgenVmap(vec![ObjName::fixed("a"), ObjName::fixed("b")])],
+            vec![Stmt::NumgenVmap(vec![
+                ObjName::fixed("a"),
+                ObjName::fixed("b"),
+            ])],
         );
         assert_eq!(
             r.render(IpFamily::V4),

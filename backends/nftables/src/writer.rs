@@ -33,20 +33,36 @@ pub trait NftWriter {
 #[derive(Debug, Clone)]
 pub struct NftCli {
     binary: String,
+    prefix: Vec<String>,
 }
 
 impl Default for NftCli {
     fn default() -> Self {
         NftCli {
             binary: std::env::var("KPROXY_NFT").unwrap_or_else(|_| "nft".to_string()),
+            prefix: Vec::new(),
         }
     }
 }
 
 impl NftCli {
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<(bool, String, String), WriterError> {
+    /// Runs `nft` inside a named network namespace (`ip netns exec NAME nft …`): how
+    /// tests drive a node's kernel without leaving the test process.
+    pub fn in_netns(name: &str) -> Self {
+        NftCli {
+            binary: "ip".to_string(),
+            prefix: ["netns", "exec", name, "nft"].map(String::from).to_vec(),
+        }
+    }
+
+    fn run(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(bool, String, String), WriterError> {
         let mut cmd = Command::new(&self.binary);
-        cmd.args(args)
+        cmd.args(&self.prefix)
+            .args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -83,7 +99,8 @@ impl NftWriter for NftCli {
     }
 
     fn list_table(&mut self, family: IpFamily) -> Result<Option<String>, WriterError> {
-        let (ok, stdout, stderr) = self.run(&["-j", "list", "table", family_kw(family), TABLE], None)?;
+        let (ok, stdout, stderr) =
+            self.run(&["-j", "list", "table", family_kw(family), TABLE], None)?;
         match (ok, missing_table(&stderr)) {
             (true, _) => Ok(Some(stdout)),
             (false, true) => Ok(None),
