@@ -1069,7 +1069,7 @@ fn masquerade_matrix() {
                         Src::Ext => "ext",
                     }
                 );
-                flows.push(flow(name, Tcp, *ns, *src_ip, *dst, reach(&eps, masq)));
+                flows.push(flow(name, Tcp, ns, *src_ip, *dst, reach(&eps, masq)));
             }
         }
         check_flows(&topo, &flows);

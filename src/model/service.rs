@@ -52,7 +52,7 @@ pub fn service_ports(svc: &Service) -> Result<ServiceInfo, InvalidObject> {
     if cluster_ips.is_empty() {
         cluster_ips.extend(spec.cluster_ip.as_deref());
     }
-    if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| *ip == "None") {
+    if cluster_ips.is_empty() || cluster_ips.contains(&"None") {
         // Not allocated yet, or headless: nothing to proxy.
         return Ok(ServiceInfo::default());
     }

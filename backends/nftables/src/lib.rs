@@ -380,19 +380,17 @@ fn commit(live: &mut LiveState, tx: &Transaction, written: &[(ObjName, u64)]) {
     }
 }
 
+/// A planned full reconciliation and the bookkeeping to keep if it commits.
+struct FullPlan {
+    tx: Transaction,
+    written: Vec<(ObjName, u64)>,
+    objects: HashMap<ServiceName, ServiceObjects>,
+    owners: ElementOwners,
+}
+
 impl<W: NftWriter> NftablesBackend<W> {
     /// Plans a full reconciliation of `services` against `live`.
-    fn plan_full(
-        &self,
-        live: &LiveState,
-        node: &NodeContext,
-        services: &ServicePlans,
-    ) -> (
-        Transaction,
-        Vec<(ObjName, u64)>,
-        HashMap<ServiceName, ServiceObjects>,
-        ElementOwners,
-    ) {
+    fn plan_full(&self, live: &LiveState, node: &NodeContext, services: &ServicePlans) -> FullPlan {
         let skeleton = objects::static_objects(node);
         let mut planner = Planner::new(self.family, live);
         planner.skeleton(&skeleton);
@@ -432,7 +430,12 @@ impl<W: NftWriter> NftablesBackend<W> {
         }
         planner.elements(&owners, &touched);
         let (tx, written) = planner.finish();
-        (tx, written, objs, owners)
+        FullPlan {
+            tx,
+            written,
+            objects: objs,
+            owners,
+        }
     }
 }
 
@@ -451,15 +454,15 @@ impl<W: NftWriter> Backend for NftablesBackend<W> {
         let full = changes.is_full() || self.live.is_none() || skeleton_changed;
         if full {
             let live = self.read_live()?;
-            let (tx, written, objs, owners) = self.plan_full(&live, node, services);
+            let plan = self.plan_full(&live, node, services);
             let report = SyncReport {
                 full: true,
-                operations: tx.len(),
+                operations: plan.tx.len(),
                 services_examined: services.len(),
             };
-            self.apply(live, tx, written)?;
-            self.services = objs;
-            self.owners = owners;
+            self.apply(live, plan.tx, plan.written)?;
+            self.services = plan.objects;
+            self.owners = plan.owners;
             self.skeleton = Some(objects::static_objects(node));
             return Ok(report);
         }
@@ -514,8 +517,9 @@ impl<W: NftWriter> Backend for NftablesBackend<W> {
     }
 
     fn render(&self, node: &NodeContext, services: &ServicePlans) -> String {
-        let (tx, ..) = self.plan_full(&LiveState::default(), node, services);
-        tx.render()
+        self.plan_full(&LiveState::default(), node, services)
+            .tx
+            .render()
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
