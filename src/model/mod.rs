@@ -579,3 +579,44 @@ mod tests {
         assert_eq!(ctx(&cfg, IpFamily::V4), NodePortAddresses::All);
     }
 }
+
+#[cfg(test)]
+mod health_count_tests {
+    //! Upstream's TestHealthCheckNodePortWhenTerminating: the health-check node port
+    //! counts local Ready endpoints only, so a node with only terminating endpoints
+    //! reports unhealthy.
+    use super::*;
+    use serde_json::json;
+
+    fn local_ready(conditions: [(bool, bool, bool); 4]) -> usize {
+        let eps: Vec<_> = conditions
+            .iter()
+            .enumerate()
+            .map(|(i, (r, s, t))| json!({"addresses": [format!("10.0.1.{}", i + 1)], "nodeName": "node-a",
+                "conditions": {"ready": r, "serving": s, "terminating": t}}))
+            .collect();
+        let objs = ClusterObjects {
+            services: vec![serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "lb"},
+                "spec": {"type": "LoadBalancer", "clusterIP": "172.30.1.1", "externalTrafficPolicy": "Local",
+                         "healthCheckNodePort": 30000, "ports": [{"name": "p", "port": 80, "nodePort": 30080}]}}))
+            .expect("svc")],
+            endpoint_slices: vec![serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "lb-1",
+                "labels": {"kubernetes.io/service-name": "lb"}}, "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 80}], "endpoints": eps}))
+            .expect("slice")],
+            ..Default::default()
+        };
+        let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
+        state.families[&IpFamily::V4].services[&ServiceName::new("ns", "lb")][0].local_ready_endpoints()
+    }
+
+    #[test]
+    fn terminating_endpoints_do_not_count_as_healthy() {
+        let ready = (true, true, false);
+        let not_ready = (false, false, false);
+        assert_eq!(local_ready([ready, ready, ready, not_ready]), 3);
+        let serving_terminating = (false, true, true);
+        let terminating = (false, false, true);
+        assert_eq!(local_ready([serving_terminating, serving_terminating, terminating, not_ready]), 0);
+    }
+}
