@@ -5,8 +5,12 @@
 //! (`kproxy_nftables`) reconciles the kernel with it, sending only what changed.
 
 pub mod cli;
+pub mod config;
+pub mod conntrack;
+pub mod healthcheck;
 pub mod ip;
 pub mod local_addrs;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod run;

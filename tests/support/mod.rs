@@ -34,6 +34,7 @@
 // part of it; without this every binary would warn about the rest.
 #![allow(dead_code, unused_imports)]
 
+pub mod apiserver;
 pub mod cluster;
 pub mod netns;
 pub mod probe;
