@@ -5,6 +5,7 @@
 //! (`kproxy_nftables`) reconciles the kernel with it, sending only what changed.
 
 pub mod cli;
+pub mod cluster_source;
 pub mod config;
 pub mod conntrack;
 pub mod healthcheck;
@@ -13,4 +14,7 @@ pub mod local_addrs;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod reconciler;
 pub mod run;
+pub mod sync_runner;
+pub mod tracker;
