@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster_source;
 pub mod config;
 pub mod conntrack;
+pub mod daemon;
 pub mod healthcheck;
 pub mod ip;
 pub mod local_addrs;

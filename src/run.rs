@@ -1,16 +1,17 @@
 //! The process: flags in, kernel programmed, exit code out.
 
 use crate::cli::{normalise_go_flags, Flags, ProxyMode};
+use crate::daemon;
 use crate::manifests::{self, ManifestError, Manifests};
 use crate::model::{self, ClusterObjects, ProxyConfig, ProxyState};
+use crate::reconciler::{NoObserver, Timing};
 use clap::Parser;
 use kproxy_backend_api::{Backend, BackendError, Changes, IpFamily};
 use kproxy_nftables::writer::NftCli;
 use kproxy_nftables::NftablesBackend;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// Why kproxy stopped.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum RunError {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Daemon(#[from] crate::daemon::DaemonError),
 }
 
 /// Entry point of the `kproxy` binary.
@@ -140,12 +143,16 @@ pub fn run(flags: &Flags) -> Result<(), RunError> {
         }
         return Ok(());
     }
-    let mut backends = backends();
-    sync_all(&mut backends, &state, None)?;
     if flags.once {
-        return Ok(());
+        return sync_all(&mut backends(), &state);
     }
-    watch_manifests(&path, &cfg, &mut backends, state)
+    let opts = daemon::Options {
+        proxy: cfg,
+        timing: Timing::default(),
+        source: daemon::Source::Manifests(path),
+        once: false,
+    };
+    daemon::run(opts, backends(), |_| NoObserver).map_err(RunError::Daemon)
 }
 
 fn to_objects(m: Manifests) -> ClusterObjects {
@@ -173,22 +180,15 @@ fn load_state(path: &Path, cfg: &ProxyConfig) -> Result<ProxyState, RunError> {
     Ok(state)
 }
 
-/// Syncs every family: a full sync when there is no previous state, else only the
-/// services whose plans changed.
-fn sync_all(
-    backends: &mut [NftablesBackend<NftCli>],
-    state: &ProxyState,
-    previous: Option<&ProxyState>,
-) -> Result<(), RunError> {
+/// Syncs every family once, fully (`--once`): reads the live table back and sends only
+/// what differs.
+fn sync_all(backends: &mut [NftablesBackend<NftCli>], state: &ProxyState) -> Result<(), RunError> {
     for b in backends.iter_mut() {
         let family = b.family();
         let Some(fam) = state.families.get(&family) else {
             continue;
         };
-        let changes = match previous.and_then(|p| p.families.get(&family)) {
-            Some(old) => Changes::Services(model::changed_services(&old.services, &fam.services)),
-            None => Changes::Full,
-        };
+        let changes = Changes::Full;
         let started = std::time::Instant::now();
         let report = b
             .sync(&fam.node, &fam.services, &changes)
@@ -204,59 +204,4 @@ fn sync_all(
         );
     }
     Ok(())
-}
-
-/// A cheap fingerprint of the manifests path: names, sizes and modification times.
-fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut files = vec![path.to_path_buf()];
-    if let Ok(rd) = std::fs::read_dir(path) {
-        files.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
-    }
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            let md = std::fs::metadata(&f).ok();
-            let size = md.as_ref().map_or(0, |m| m.len());
-            let mtime = md.and_then(|m| m.modified().ok());
-            (f, size, mtime)
-        })
-        .collect()
-}
-
-/// Applies edits of the manifests live. A file that does not parse keeps the current
-/// rules; a failed sync is retried as a full sync.
-fn watch_manifests(
-    path: &Path,
-    cfg: &ProxyConfig,
-    backends: &mut [NftablesBackend<NftCli>],
-    mut state: ProxyState,
-) -> Result<(), RunError> {
-    let mut seen = fingerprint(path);
-    let mut retry_full = false;
-    loop {
-        // kube-proxy's default minSyncPeriod: at most one sync per second.
-        std::thread::sleep(Duration::from_secs(1));
-        let now = fingerprint(path);
-        if now == seen && !retry_full {
-            continue;
-        }
-        seen = now;
-        let next = match load_state(path, cfg) {
-            Ok(s) => s,
-            Err(e) => {
-                error!("keeping the current rules: {e}");
-                continue;
-            }
-        };
-        let previous = (!retry_full).then_some(&state);
-        match sync_all(backends, &next, previous) {
-            Ok(()) => retry_full = false,
-            Err(e) => {
-                error!("{e}; retrying with a full sync");
-                retry_full = true;
-            }
-        }
-        state = next;
-    }
 }
