@@ -18,4 +18,5 @@ pub mod model;
 pub mod reconciler;
 pub mod run;
 pub mod sync_runner;
+pub mod telemetry;
 pub mod tracker;

@@ -60,7 +60,7 @@ pub trait Observer {
     /// One family was synced (successfully or not).
     fn family_synced(&mut self, _sync: &FamilySync) {}
     /// Every family synced successfully: the state is in the kernel.
-    fn synced(&mut self, _state: &ProxyState, _trigger_times: &[SystemTime], _now: SystemTime) {}
+    fn synced(&mut self, _state: &ProxyState, _trigger_times: &[(IpFamily, SystemTime)], _now: SystemTime) {}
     /// The tracker's pending and total change counts, after each event batch and sync.
     fn changes(&mut self, _pending: (usize, usize), _totals: (u64, u64)) {}
     /// Objects newly found invalid (each reported once while it stays invalid).

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kproxy_backend_api::{Changes, ServiceName};
+use kproxy_backend_api::{Changes, IpFamily, ServiceName};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
@@ -93,8 +93,8 @@ pub struct Tracker {
     changed_by_services: BTreeSet<ServiceName>,
     changed_by_slices: BTreeSet<ServiceName>,
     full: bool,
-    /// Trigger times of EndpointSlice changes not yet programmed.
-    trigger_times: Vec<SystemTime>,
+    /// Trigger times of EndpointSlice changes not yet programmed, by slice family.
+    trigger_times: Vec<(IpFamily, SystemTime)>,
     service_changes: u64,
     endpoint_changes: u64,
 }
@@ -103,7 +103,8 @@ pub struct Tracker {
 #[derive(Debug, Clone)]
 pub struct PendingSync {
     pub changes: Changes,
-    pub trigger_times: Vec<SystemTime>,
+    /// When the EndpointSlice changes being programmed happened (per slice family).
+    pub trigger_times: Vec<(IpFamily, SystemTime)>,
 }
 
 fn service_of_slice(s: &EndpointSlice) -> Option<ServiceName> {
@@ -321,10 +322,14 @@ impl Tracker {
         else {
             return;
         };
+        let family = match s.address_type.as_str() {
+            "IPv6" => IpFamily::V6,
+            _ => IpFamily::V4,
+        };
         if let Some(t) = parse_rfc3339(text) {
             // Changes from before kproxy started were programmed by somebody else.
             if t >= self.started {
-                self.trigger_times.push(t);
+                self.trigger_times.push((family, t));
             }
         }
     }
