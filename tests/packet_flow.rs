@@ -50,6 +50,9 @@ fn no_endpoints_reject() {
         .load_balancer(&["1.2.3.4"])
         .build();
     sync_once(&topo.node, &[svc], &base_args());
+    // The node's own listeners on the NodePort: without kproxy's REJECT they would
+    // answer, so "rejected" below really is kproxy's verdict, not a closed port.
+    let _host = topo.node.serve_on(&[v4(NODE_IP), v6(NODE_IP6)], &[3001]);
     let pod = topo.pod("client").ns();
     let ext = &topo.ext;
     let mut flows = Vec::new();
@@ -1248,10 +1251,13 @@ fn ipv6_own_table() {
             vec![ep(v6(RPOD1_IP6), NODE2_NAME), ep(v6(LPOD2_IP6), NODE_NAME)],
         ),
         service("empty", &["fd00:10:96::46"])
+            .type_("NodePort")
             .port("p80", "TCP", 80, 3006)
             .build(),
     ];
     sync_once(&topo.node, &objects, &base_args());
+    // A listener on the no-endpoints NodePort proves the REJECT is kproxy's.
+    let _host = topo.node.serve_on(&[v6(NODE_IP6)], &[3006]);
     let tables = topo.node.exec(&["nft", "list", "tables"]);
     assert!(tables.contains("table ip6 kproxy"), "{tables}");
     let v4_table = topo.node.exec(&["nft", "list", "table", "ip", "kproxy"]);
@@ -1313,7 +1319,7 @@ fn ipv6_own_table() {
         ),
         flow(
             "v6 no endpoints NodePort",
-            Udp,
+            Tcp,
             ext,
             EXT_CLIENT6,
             sa(NODE_IP6, 3006),

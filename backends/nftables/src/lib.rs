@@ -21,7 +21,9 @@
 //! assert!(text.contains("add table ip kproxy"));
 //! ```
 
+pub mod eval;
 pub mod live;
+pub mod live_rules;
 pub mod names;
 pub mod objects;
 pub mod rule;
