@@ -106,7 +106,7 @@ async fn watch<K>(
             Ok(Event::Delete(o)) => SourceEvent::Deleted(wrap(o)),
             Err(e) => {
                 warn!(?kind, "watch failed, retrying with backoff: {e}");
-                continue;
+                SourceEvent::Disconnected(kind)
             }
         };
         if !send(event) {

@@ -83,6 +83,8 @@ pub struct Reconciler<B, O> {
     observer: O,
     reported_invalid: BTreeSet<String>,
     local_addrs: fn() -> Vec<std::net::IpAddr>,
+    /// A source reported a lost connection and has not delivered anything since.
+    source_down: bool,
 }
 
 impl<B, O> std::fmt::Debug for Reconciler<B, O> {
@@ -125,6 +127,7 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
             observer,
             reported_invalid: BTreeSet::new(),
             local_addrs,
+            source_down: false,
         }
     }
 
@@ -138,6 +141,18 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
 
     /// Applies one source event.
     pub fn handle(&mut self, ev: SourceEvent) {
+        if let SourceEvent::Disconnected(kind) = &ev {
+            // Like a queued update that cannot be programmed: health turns unhealthy if
+            // this lasts longer than healthTimeout. The rules stay as they are.
+            warn!(?kind, "lost contact with the API server; keeping the current rules");
+            self.source_down = true;
+            self.observer.queued(SystemTime::now());
+            return;
+        }
+        if std::mem::take(&mut self.source_down) {
+            // Back in contact: sync (even if nothing changed) so health recovers.
+            self.runner.request();
+        }
         let node_event = matches!(&ev, SourceEvent::Applied(o) | SourceEvent::Deleted(o) if o.kind() == crate::tracker::Kind::Node)
             || matches!(&ev, SourceEvent::Replaced(crate::tracker::Kind::Node, _));
         if self.tracker.apply(ev) {

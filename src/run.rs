@@ -1,17 +1,22 @@
 //! The process: flags in, kernel programmed, exit code out.
 
-use crate::cli::{normalise_go_flags, Flags, ProxyMode};
+use crate::cli::ProxyMode;
+use crate::cluster_source::Connection;
+use crate::config::Settings;
 use crate::daemon;
+use crate::healthcheck::{serve_health, serve_metrics, ProxyHealth, ServiceHealthServers};
+use crate::metrics::Metrics;
+use crate::telemetry::Telemetry;
 use crate::manifests::{self, ManifestError, Manifests};
 use crate::model::{self, ClusterObjects, ProxyConfig, ProxyState};
-use crate::reconciler::{NoObserver, Timing};
-use clap::Parser;
+use crate::reconciler::Timing;
 use kproxy_backend_api::{Backend, BackendError, Changes, IpFamily};
 use kproxy_nftables::writer::NftCli;
 use kproxy_nftables::NftablesBackend;
 use std::path::Path;
 use std::process::ExitCode;
-use tracing::{info, warn};
+use std::sync::Arc;
+use tracing::{error, info, warn};
 
 /// Why kproxy stopped.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +41,23 @@ pub enum RunError {
 
 /// Entry point of the `kproxy` binary.
 pub fn main_entry() -> ExitCode {
-    let flags = Flags::parse_from(normalise_go_flags(std::env::args()));
-    init_logging(flags.verbosity);
-    match run(&flags) {
+    let settings = match crate::config::settings_from_args(std::env::args()) {
+        Ok(s) => s,
+        // --help, --version and flag errors print themselves with clap's exit codes.
+        Err(crate::config::ConfigError::Flags(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("kproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(settings.verbosity);
+    for w in &settings.warnings {
+        warn!("{w}");
+    }
+    if settings.init_only {
+        return ExitCode::SUCCESS;
+    }
+    match run(&settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kproxy: {e}");
@@ -64,8 +83,8 @@ fn init_logging(verbosity: u8) {
 
 /// The node's name: `--hostname-override`, else the host name, lower-cased as
 /// kube-proxy does.
-fn node_name(flags: &Flags) -> String {
-    flags
+fn node_name(settings: &Settings) -> String {
+    settings
         .hostname_override
         .clone()
         .filter(|s| !s.trim().is_empty())
@@ -75,25 +94,15 @@ fn node_name(flags: &Flags) -> String {
         .to_lowercase()
 }
 
-/// Settings the model needs, from flags.
-pub fn proxy_config(flags: &Flags) -> Result<ProxyConfig, RunError> {
-    let mut cfg = ProxyConfig::new(node_name(flags));
-    for c in flags
-        .cluster_cidr
-        .iter()
-        .map(|c| c.trim())
-        .filter(|c| !c.is_empty())
-    {
+/// Settings the model needs.
+pub fn proxy_config(settings: &Settings) -> Result<ProxyConfig, RunError> {
+    let mut cfg = ProxyConfig::new(node_name(settings));
+    for c in settings.cluster_cidrs.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
         let net = crate::ip::parse_cidr(c)
             .ok_or_else(|| RunError::Config(format!("--cluster-cidr: invalid CIDR {c:?}")))?;
         cfg.cluster_cidrs.push(net);
     }
-    for a in flags
-        .nodeport_addresses
-        .iter()
-        .map(|a| a.trim())
-        .filter(|a| !a.is_empty())
-    {
+    for a in settings.nodeport_addresses.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
         if a != "primary" && crate::ip::parse_cidr(a).is_none() {
             return Err(RunError::Config(format!(
                 "--nodeport-addresses: {a:?} is neither `primary` nor a CIDR"
@@ -101,7 +110,7 @@ pub fn proxy_config(flags: &Flags) -> Result<ProxyConfig, RunError> {
         }
         cfg.nodeport_addresses.push(a.to_string());
     }
-    cfg.masquerade_all = flags.masquerade_all;
+    cfg.masquerade_all = settings.masquerade_all;
     Ok(cfg)
 }
 
@@ -112,47 +121,77 @@ fn backends() -> Vec<NftablesBackend<NftCli>> {
         .collect()
 }
 
-/// Runs kproxy with parsed flags.
-pub fn run(flags: &Flags) -> Result<(), RunError> {
-    if flags.proxy_mode == ProxyMode::Ipvs {
+/// Runs kproxy with resolved settings.
+pub fn run(settings: &Settings) -> Result<(), RunError> {
+    if settings.mode == ProxyMode::Ipvs {
         return Err(RunError::Config(
             "--proxy-mode=ipvs is not available in this build; use nftables".into(),
         ));
     }
-    if flags.cleanup {
+    if settings.cleanup {
         for mut b in backends() {
             let family = b.family();
-            b.cleanup()
-                .map_err(|source| RunError::Cleanup { family, source })?;
+            b.cleanup().map_err(|source| RunError::Cleanup { family, source })?;
             info!(%family, "removed kproxy's nftables table");
         }
         return Ok(());
     }
-    let cfg = proxy_config(flags)?;
-    let Some(path) = flags.manifests.clone() else {
-        return Err(RunError::Config(
-            "no object source: pass --manifests PATH (the API-server source is not available in this build)".into(),
-        ));
-    };
-    let state = load_state(&path, &cfg)?;
-    if flags.dry_run {
-        for b in backends() {
-            if let Some(fam) = state.families.get(&b.family()) {
-                print!("{}", b.render(&fam.node, &fam.services));
+    let cfg = proxy_config(settings)?;
+    if let (Some(path), true) = (&settings.manifests, settings.once || settings.dry_run) {
+        let state = load_state(path, &cfg)?;
+        if settings.dry_run {
+            for b in backends() {
+                if let Some(fam) = state.families.get(&b.family()) {
+                    print!("{}", b.render(&fam.node, &fam.services));
+                }
             }
+            return Ok(());
         }
-        return Ok(());
-    }
-    if flags.once {
         return sync_all(&mut backends(), &state);
     }
+    if settings.dry_run {
+        return Err(RunError::Config("--dry-run needs --manifests".into()));
+    }
+    let source = match &settings.manifests {
+        Some(path) => daemon::Source::Manifests(path.clone()),
+        None => daemon::Source::Cluster(Connection {
+            kubeconfig: settings.kubeconfig.clone(),
+            master: settings.master.clone(),
+        }),
+    };
     let opts = daemon::Options {
         proxy: cfg,
-        timing: Timing::default(),
-        source: daemon::Source::Manifests(path),
-        once: false,
+        timing: Timing {
+            min_sync_period: settings.min_sync_period,
+            sync_period: settings.sync_period,
+            ..Timing::default()
+        },
+        source,
+        once: settings.once,
     };
-    daemon::run(opts, backends(), |_| NoObserver).map_err(RunError::Daemon)
+    let metrics = Arc::new(Metrics::new().map_err(|e| RunError::Config(e.to_string()))?);
+    let health = Arc::new(ProxyHealth::new(settings.sync_period));
+    let (healthz, metrics_addr) = (settings.healthz_bind_address, settings.metrics_bind_address);
+    daemon::run(opts, backends(), move |_| {
+        let (h, m) = (health.clone(), metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_health(healthz, h, m).await {
+                error!("health server: {e}");
+            }
+        });
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(metrics_addr, m, "nftables").await {
+                error!("metrics server: {e}");
+            }
+        });
+        let mut telemetry = Telemetry::new(metrics, health.clone(), IpFamily::ALL.to_vec());
+        // Health-check node ports listen on every address, as kube-proxy does when
+        // NodePorts are not restricted.
+        telemetry.service_health = Some(ServiceHealthServers::new(Vec::new(), health));
+        telemetry
+    })
+    .map_err(RunError::Daemon)
 }
 
 fn to_objects(m: Manifests) -> ClusterObjects {

@@ -72,6 +72,9 @@ pub enum SourceEvent {
     Deleted(Object),
     /// The complete current set of one kind (an initial list or a relist).
     Replaced(Kind, Vec<Object>),
+    /// The source lost contact with the API server for this kind: what kproxy programs
+    /// may be going stale (health reports it once that lasts longer than healthTimeout).
+    Disconnected(Kind),
 }
 
 type Key = (String, String);
@@ -210,6 +213,7 @@ impl Tracker {
         match ev {
             SourceEvent::Applied(o) => self.upsert(o),
             SourceEvent::Deleted(o) => self.remove(o.kind(), &o.key()),
+            SourceEvent::Disconnected(_) => false,
             SourceEvent::Replaced(kind, objs) => {
                 self.synced.insert(kind);
                 let keep: BTreeSet<Key> = objs.iter().map(Object::key).collect();
@@ -484,9 +488,10 @@ mod tests {
             1,
             "changes from before start are not ours"
         );
+        assert_eq!(p.trigger_times[0].0, IpFamily::V4);
         assert_eq!(
             parse_rfc3339("2027-06-01T00:00:00.5Z"),
-            Some(p.trigger_times[0])
+            Some(p.trigger_times[0].1)
         );
     }
 }
