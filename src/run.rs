@@ -189,9 +189,26 @@ pub fn run(settings: &Settings) -> Result<(), RunError> {
         // Health-check node ports listen on every address, as kube-proxy does when
         // NodePorts are not restricted.
         telemetry.service_health = Some(ServiceHealthServers::new(Vec::new(), health));
+        telemetry.conntrack = conntrack_cleaner();
         telemetry
     })
     .map_err(RunError::Daemon)
+}
+
+/// UDP conntrack cleanup after each successful sync, over one netlink socket opened in
+/// kproxy's own network namespace. Without the socket (no privilege) kproxy still runs.
+fn conntrack_cleaner() -> Option<crate::telemetry::ConntrackCleaner> {
+    match crate::conntrack::Conntrack::open() {
+        Ok(mut ct) => Some(Box::new(move |family, plans| {
+            crate::conntrack::cleanup_stale_udp(&mut ct, family, plans)
+                .map(|r| r.deleted as u64)
+                .map_err(|e| e.to_string())
+        })),
+        Err(e) => {
+            warn!("UDP conntrack cleanup disabled: {e}");
+            None
+        }
+    }
 }
 
 fn to_objects(m: Manifests) -> ClusterObjects {

@@ -410,3 +410,98 @@ fn metrics_and_health_check_node_port() {
         "the sync histogram did not count the new sync: {before} -> {after}"
     );
 }
+
+/// Sends one datagram from a fixed source port and returns which endpoint answered.
+fn udp_from_fixed_port(ns: &Netns, src: SocketAddr, dst: SocketAddr) -> Option<IpAddr> {
+    ns.in_ns(move || {
+        let s = std::net::UdpSocket::bind(src).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        s.connect(dst).ok()?;
+        s.send(b"ping\n").ok()?;
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        let endpoint: SocketAddr = text.split_whitespace().next()?.parse().ok()?;
+        Some(endpoint.ip())
+    })
+}
+
+#[test]
+fn udp_conntrack_entries_of_removed_endpoints_are_deleted() {
+    if !require_net_admin("udp_conntrack_entries_of_removed_endpoints_are_deleted") {
+        return;
+    }
+    let dns = |ips: &[Ipv4Addr]| {
+        let mut s = slice(
+            "dns",
+            false,
+            &[("dns", "UDP", 53)],
+            ips.iter().map(|i| ep(v4(*i), NODE2_NAME)).collect(),
+        );
+        s["metadata"]["name"] = Value::from("dns-slice");
+        s
+    };
+    let mut c = start(&[
+        service("dns", &["172.30.0.53"])
+            .port("dns", "UDP", 53, 0)
+            .build(),
+        dns(&[RPOD1_IP, RPOD2_IP]),
+    ]);
+    let vip = sa(ip("172.30.0.53"), 53);
+    let src = sa(CLIENT_IP, 40053);
+    let client = c.topo.pod("client").ns();
+    // The first answer pins the flow (one conntrack entry) to one endpoint.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pinned = loop {
+        if let Some(ep) = udp_from_fixed_port(client, src, vip) {
+            break ep;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "UDP service never answered\n{}",
+            c.kproxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            udp_from_fixed_port(client, src, vip),
+            Some(pinned),
+            "the flow must stay pinned"
+        );
+    }
+    let other = if pinned == v4(RPOD1_IP) {
+        RPOD2_IP
+    } else {
+        RPOD1_IP
+    };
+    // Remove the pinned endpoint (the pod itself keeps running and answering, so only
+    // deleting the stale conntrack entry can move the flow).
+    c.api.apply(dns(&[other]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = udp_from_fixed_port(client, src, vip);
+        if got == Some(v4(other)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client's flow still goes to {got:?}, not {other}\n{}",
+            c.kproxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let samples = scrape(&c);
+    let deleted: f64 = samples
+        .iter()
+        .filter(|s| s.metric == "kubeproxy_conntrack_reconciler_deleted_entries_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(
+        deleted >= 1.0,
+        "the reconciler's deletion counter did not move: {deleted}"
+    );
+}

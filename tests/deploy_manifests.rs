@@ -469,13 +469,7 @@ fn cluster_role_grants_exactly_what_kproxy_uses() {
             expected.insert(triple(group, resource, verb));
         }
     }
-    // Documented extras: its own Node by name; events for health-check failures.
-    expected.insert(triple("", "nodes", "get"));
-    for group in ["", "events.k8s.io"] {
-        for verb in ["create", "patch"] {
-            expected.insert(triple(group, "events", verb));
-        }
-    }
+    // Exactly what the watchers use; tests/cluster_mode.rs checks the live requests.
     assert_eq!(rbac_rules(), expected);
 
     let d = deployment();

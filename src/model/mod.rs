@@ -592,8 +592,10 @@ mod health_count_tests {
         let eps: Vec<_> = conditions
             .iter()
             .enumerate()
-            .map(|(i, (r, s, t))| json!({"addresses": [format!("10.0.1.{}", i + 1)], "nodeName": "node-a",
-                "conditions": {"ready": r, "serving": s, "terminating": t}}))
+            .map(|(i, (r, s, t))| {
+                json!({"addresses": [format!("10.0.1.{}", i + 1)], "nodeName": "node-a",
+                "conditions": {"ready": r, "serving": s, "terminating": t}})
+            })
             .collect();
         let objs = ClusterObjects {
             services: vec![serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "lb"},
@@ -607,7 +609,8 @@ mod health_count_tests {
             ..Default::default()
         };
         let state = build(&objs, &ProxyConfig::new("node-a"), &[]);
-        state.families[&IpFamily::V4].services[&ServiceName::new("ns", "lb")][0].local_ready_endpoints()
+        state.families[&IpFamily::V4].services[&ServiceName::new("ns", "lb")][0]
+            .local_ready_endpoints()
     }
 
     #[test]
@@ -617,6 +620,14 @@ mod health_count_tests {
         assert_eq!(local_ready([ready, ready, ready, not_ready]), 3);
         let serving_terminating = (false, true, true);
         let terminating = (false, false, true);
-        assert_eq!(local_ready([serving_terminating, serving_terminating, terminating, not_ready]), 0);
+        assert_eq!(
+            local_ready([
+                serving_terminating,
+                serving_terminating,
+                terminating,
+                not_ready
+            ]),
+            0
+        );
     }
 }
