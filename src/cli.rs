@@ -135,7 +135,7 @@ fn ip_port_arg(s: &str) -> Result<String, String> {
 
 /// kproxy: a drop-in replacement for kube-proxy.
 ///
-/// Flags and the `--config` file use kube-proxy's names and semantics; see docs/flags.md for
+/// Flags and the `--config` file use kube-proxy's names and semantics; see the README (section "Flags and configuration") for
 /// which kube-proxy settings kproxy supports, warns about, or refuses.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kproxy", version, about, max_term_width = 100)]

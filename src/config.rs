@@ -44,7 +44,7 @@
 //! `detectLocalMode: InterfaceNamePrefix`). A field is warned about only when set to
 //! something other than zero/empty/`null` — kubeadm writes every field, mostly zero.
 //! Unknown and misspelled fields are errors naming the field and its line. The full
-//! table is docs/flags.md.
+//! table is the README (section "Flags and configuration").
 
 use crate::cli::{parse_mode, Flags, ModeError, ProxyMode};
 use crate::ip::{parse_cidr, parse_ip};

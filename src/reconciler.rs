@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, info_span, warn};
 
 /// What the reconciler is told.
+// Each object crosses the channel once, by move; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Source(SourceEvent),
@@ -60,7 +62,13 @@ pub trait Observer {
     /// One family was synced (successfully or not).
     fn family_synced(&mut self, _sync: &FamilySync) {}
     /// Every family synced successfully: the state is in the kernel.
-    fn synced(&mut self, _state: &ProxyState, _trigger_times: &[(IpFamily, SystemTime)], _now: SystemTime) {}
+    fn synced(
+        &mut self,
+        _state: &ProxyState,
+        _trigger_times: &[(IpFamily, SystemTime)],
+        _now: SystemTime,
+    ) {
+    }
     /// The tracker's pending and total change counts, after each event batch and sync.
     fn changes(&mut self, _pending: (usize, usize), _totals: (u64, u64)) {}
     /// Objects newly found invalid (each reported once while it stays invalid).
@@ -144,7 +152,10 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
         if let SourceEvent::Disconnected(kind) = &ev {
             // Like a queued update that cannot be programmed: health turns unhealthy if
             // this lasts longer than healthTimeout. The rules stay as they are.
-            warn!(?kind, "lost contact with the API server; keeping the current rules");
+            warn!(
+                ?kind,
+                "lost contact with the API server; keeping the current rules"
+            );
             self.source_down = true;
             self.observer.queued(SystemTime::now());
             return;

@@ -5,11 +5,11 @@ use crate::cluster_source::Connection;
 use crate::config::Settings;
 use crate::daemon;
 use crate::healthcheck::{serve_health, serve_metrics, ProxyHealth, ServiceHealthServers};
-use crate::metrics::Metrics;
-use crate::telemetry::Telemetry;
 use crate::manifests::{self, ManifestError, Manifests};
+use crate::metrics::Metrics;
 use crate::model::{self, ClusterObjects, ProxyConfig, ProxyState};
 use crate::reconciler::Timing;
+use crate::telemetry::Telemetry;
 use kproxy_backend_api::{Backend, BackendError, Changes, IpFamily};
 use kproxy_nftables::writer::NftCli;
 use kproxy_nftables::NftablesBackend;
@@ -97,12 +97,22 @@ fn node_name(settings: &Settings) -> String {
 /// Settings the model needs.
 pub fn proxy_config(settings: &Settings) -> Result<ProxyConfig, RunError> {
     let mut cfg = ProxyConfig::new(node_name(settings));
-    for c in settings.cluster_cidrs.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+    for c in settings
+        .cluster_cidrs
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+    {
         let net = crate::ip::parse_cidr(c)
             .ok_or_else(|| RunError::Config(format!("--cluster-cidr: invalid CIDR {c:?}")))?;
         cfg.cluster_cidrs.push(net);
     }
-    for a in settings.nodeport_addresses.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+    for a in settings
+        .nodeport_addresses
+        .iter()
+        .map(|a| a.trim())
+        .filter(|a| !a.is_empty())
+    {
         if a != "primary" && crate::ip::parse_cidr(a).is_none() {
             return Err(RunError::Config(format!(
                 "--nodeport-addresses: {a:?} is neither `primary` nor a CIDR"
@@ -131,7 +141,8 @@ pub fn run(settings: &Settings) -> Result<(), RunError> {
     if settings.cleanup {
         for mut b in backends() {
             let family = b.family();
-            b.cleanup().map_err(|source| RunError::Cleanup { family, source })?;
+            b.cleanup()
+                .map_err(|source| RunError::Cleanup { family, source })?;
             info!(%family, "removed kproxy's nftables table");
         }
         return Ok(());

@@ -27,7 +27,9 @@ pub struct Telemetry {
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Telemetry").field("families", &self.families).finish_non_exhaustive()
+        f.debug_struct("Telemetry")
+            .field("families", &self.families)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,18 +79,25 @@ impl Observer for Telemetry {
     }
 
     fn family_synced(&mut self, sync: &FamilySync) {
-        self.metrics.observe_sync(sync.family, sync.full, sync.elapsed);
+        self.metrics
+            .observe_sync(sync.family, sync.full, sync.elapsed);
         if sync.result.is_err() {
             self.metrics.inc_sync_failure(sync.family);
         }
     }
 
-    fn synced(&mut self, state: &ProxyState, trigger_times: &[(IpFamily, SystemTime)], now: SystemTime) {
+    fn synced(
+        &mut self,
+        state: &ProxyState,
+        trigger_times: &[(IpFamily, SystemTime)],
+        now: SystemTime,
+    ) {
         for (family, fam) in &state.families {
             self.health.updated(*family, now);
             self.metrics.set_last_sync(*family, now);
             let (internal, external) = no_local_endpoints(&fam.services);
-            self.metrics.set_no_local_endpoints(*family, internal, external);
+            self.metrics
+                .set_no_local_endpoints(*family, internal, external);
         }
         for (family, t) in trigger_times {
             let seconds = match now.duration_since(*t) {
@@ -125,7 +134,10 @@ impl Observer for Telemetry {
             for (family, fam) in &state.families {
                 let start = Instant::now();
                 match clean(*family, &fam.services) {
-                    Ok(deleted) => self.metrics.observe_conntrack(*family, start.elapsed(), deleted),
+                    Ok(deleted) => {
+                        self.metrics
+                            .observe_conntrack(*family, start.elapsed(), deleted)
+                    }
                     Err(e) => warn!(%family, "conntrack cleanup failed: {e}"),
                 }
             }
@@ -134,8 +146,10 @@ impl Observer for Telemetry {
 
     fn changes(&mut self, pending: (usize, usize), totals: (u64, u64)) {
         self.metrics.set_pending(pending.0, pending.1);
-        self.metrics.add_service_changes(totals.0.saturating_sub(self.totals.0));
-        self.metrics.add_endpoint_changes(totals.1.saturating_sub(self.totals.1));
+        self.metrics
+            .add_service_changes(totals.0.saturating_sub(self.totals.0));
+        self.metrics
+            .add_endpoint_changes(totals.1.saturating_sub(self.totals.1));
         self.totals = totals;
     }
 

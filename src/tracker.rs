@@ -27,6 +27,8 @@ pub enum Kind {
 }
 
 /// One object of a watched kind.
+// Each object crosses the channel once, by move; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Object {
     Service(Service),

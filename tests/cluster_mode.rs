@@ -441,7 +441,7 @@ fn udp_conntrack_entries_of_removed_endpoints_are_deleted() {
         s["metadata"]["name"] = Value::from("dns-slice");
         s
     };
-    let mut c = start(&[
+    let c = start(&[
         service("dns", &["172.30.0.53"])
             .port("dns", "UDP", 53, 0)
             .build(),

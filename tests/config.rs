@@ -751,8 +751,8 @@ fn go_durations_parse() {
 #[test]
 fn docs_flags_table_lists_every_flag() {
     use clap::CommandFactory;
-    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/flags.md"))
-        .expect("docs/flags.md");
+    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
     let start = docs.find("| Flag | Status").expect("flag table");
     let table = &docs[start..];
     let table = &table[..table.find("\n\n").unwrap_or(table.len())];
@@ -773,7 +773,7 @@ fn docs_flags_table_lists_every_flag() {
         }
         assert!(
             documented.contains(&format!("--{long}").as_str()),
-            "--{long} is missing from the flag table in docs/flags.md"
+            "--{long} is missing from the flag table in README.md"
         );
     }
     for long in documented.iter().filter_map(|n| n.strip_prefix("--")) {
