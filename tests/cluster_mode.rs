@@ -192,6 +192,15 @@ fn watches_drive_the_kernel_through_reconnects_and_relists() {
     c.api.apply(eps("a", &[RPOD1_IP, RPOD2_IP]));
     c.converge(a, &[v4(RPOD1_IP), v4(RPOD2_IP)], None);
 
+    // Slow responses (every request delayed) still converge.
+    c.api.set_latency(Duration::from_millis(700));
+    c.api.drop_watches();
+    c.api.apply(eps("a", &[RPOD2_IP]));
+    c.converge(a, &[v4(RPOD2_IP)], None);
+    c.api.set_latency(Duration::ZERO);
+    c.api.apply(eps("a", &[RPOD1_IP, RPOD2_IP]));
+    c.converge(a, &[v4(RPOD1_IP), v4(RPOD2_IP)], None);
+
     // History compacted while the stream is down: the resume gets 410 Gone, kproxy
     // relists and notices a deletion it never saw as an event.
     c.api.compact();
@@ -302,6 +311,21 @@ fn scrape(c: &Cluster) -> Vec<prometheus_parse::Sample> {
         .samples
 }
 
+/// Total observations of a histogram across its label sets.
+fn histogram_count(samples: &[prometheus_parse::Sample], name: &str) -> f64 {
+    let count = format!("{name}_count");
+    samples
+        .iter()
+        .filter(|s| s.metric == count)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Untyped(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
 fn sync_count(samples: &[prometheus_parse::Sample], family: &str) -> f64 {
     samples
         .iter()
@@ -399,15 +423,31 @@ fn metrics_and_health_check_node_port() {
     assert!(before >= 1.0, "the first sync was not counted: {before}");
 
     // Only terminating local endpoints: traffic still flows to them, but the health
-    // check says 503 so the load balancer drains the node.
-    for o in lb(true) {
+    // check says 503 so the load balancer drains the node. The slice carries the
+    // controller's trigger time, which feeds network programming latency.
+    let programming_before = histogram_count(
+        &scrape(&c),
+        "kubeproxy_network_programming_duration_seconds",
+    );
+    for mut o in lb(true) {
+        if o["kind"] == "EndpointSlice" {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            o["metadata"]["annotations"] =
+                serde_json::json!({"endpoints.kubernetes.io/last-change-trigger-time": now});
+        }
         c.api.apply(o);
     }
     wait_hc(&c, 503, "0");
-    let after = sync_count(&scrape(&c), "IPv4");
+    let samples = scrape(&c);
+    let after = sync_count(&samples, "IPv4");
     assert!(
         after > before,
         "the sync histogram did not count the new sync: {before} -> {after}"
+    );
+    let programming = histogram_count(&samples, "kubeproxy_network_programming_duration_seconds");
+    assert!(
+        programming > programming_before,
+        "network programming latency not observed: {programming_before} -> {programming}"
     );
 }
 
