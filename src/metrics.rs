@@ -12,7 +12,8 @@
 //! - `sync_proxy_rules_no_local_endpoints_total` is a **gauge** despite its `_total` name,
 //!   as upstream (it counts services, it does not accumulate).
 //!
-//! kproxy adds one family of its own, `kproxy_invalid_objects_total{kind}`, and the standard
+//! kproxy adds two of its own, `kproxy_invalid_objects_total{kind}` and
+//! `kproxy_drift_detected_total{ip_family}`, and the standard
 //! `process_*` collector (upstream's legacy registry exports those too).
 //!
 //! The registry is owned by [`Metrics`] rather than being the process-global default, so tests
@@ -142,6 +143,7 @@ pub struct Metrics {
     conntrack_duration: HistogramVec,
     conntrack_deleted: CounterVec,
     invalid_objects: CounterVec,
+    drift: CounterVec,
 }
 
 /// Registers `c` in `registry`, naming the metric in the error.
@@ -371,6 +373,18 @@ impl Metrics {
             ),
         )?;
 
+        let drift = register(
+            &r,
+            "kproxy_drift_detected_total",
+            CounterVec::new(
+                Opts::new(
+                    "kproxy_drift_detected_total",
+                    "Times the kernel was found to differ from what kproxy programmed (then repaired by a full sync)",
+                ),
+                &["ip_family"],
+            ),
+        )?;
+
         #[cfg(target_os = "linux")]
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -400,6 +414,7 @@ impl Metrics {
             conntrack_duration,
             conntrack_deleted,
             invalid_objects,
+            drift,
         };
         m.init_series();
         Ok(m)
@@ -420,6 +435,7 @@ impl Metrics {
             self.nftables_cleanup_failures.with_label_values(l);
             self.conntrack_duration.with_label_values(l);
             self.conntrack_deleted.with_label_values(l);
+            self.drift.with_label_values(l);
             for p in [TRAFFIC_POLICY_INTERNAL, TRAFFIC_POLICY_EXTERNAL] {
                 self.no_local_endpoints.with_label_values(&[p, f.label()]);
             }
@@ -527,6 +543,11 @@ impl Metrics {
     }
 
     /// An object of `kind` was skipped because a field was invalid.
+    /// The kernel held something else than kproxy programmed (`kproxy_drift_detected_total`).
+    pub fn inc_drift(&self, family: IpFamily) {
+        self.drift.with_label_values(&[family.label()]).inc();
+    }
+
     pub fn inc_invalid(&self, kind: ObjectKind) {
         self.invalid_objects
             .with_label_values(&[kind.label()])

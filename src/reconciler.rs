@@ -75,6 +75,8 @@ pub trait Observer {
     fn invalid(&mut self, _objects: &[InvalidObject]) {}
     /// This node's object changed (health eligibility).
     fn node(&mut self, _node: Option<&k8s_openapi::api::core::v1::Node>) {}
+    /// The kernel differed from the desired state; a full sync repairs it.
+    fn drift(&mut self, _family: IpFamily, _differences: &[String]) {}
 }
 
 /// An observer that does nothing.
@@ -93,6 +95,9 @@ pub struct Reconciler<B, O> {
     local_addrs: fn() -> Vec<std::net::IpAddr>,
     /// A source reported a lost connection and has not delivered anything since.
     source_down: bool,
+    /// How often the live kernel state is compared with the desired one.
+    verify_period: Duration,
+    next_verify: Instant,
 }
 
 impl<B, O> std::fmt::Debug for Reconciler<B, O> {
@@ -136,6 +141,8 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
             reported_invalid: BTreeSet::new(),
             local_addrs,
             source_down: false,
+            verify_period: timing.sync_period,
+            next_verify: Instant::now() + timing.sync_period,
         }
     }
 
@@ -183,6 +190,7 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
             let timeout = if self.tracker.is_ready() {
                 self.runner
                     .next_deadline(now)
+                    .min(self.next_verify)
                     .saturating_duration_since(now)
             } else {
                 Duration::from_secs(3600)
@@ -207,6 +215,14 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
             let now = Instant::now();
             if !self.tracker.is_ready() {
                 continue;
+            }
+            if now >= self.next_verify {
+                self.next_verify = now + self.verify_period;
+                // Only a settled state can be compared: with changes queued the kernel
+                // is legitimately behind.
+                if !self.tracker.has_changes() && !self.runner.pending() {
+                    self.verify();
+                }
             }
             let Some(reason) = self.runner.due_reason(now) else {
                 continue;
@@ -285,6 +301,35 @@ impl<B: Backend, O: Observer> Reconciler<B, O> {
         self.observer
             .changes(self.tracker.pending_counts(), self.tracker.change_totals());
         ok
+    }
+
+    /// Compares the kernel with the desired state (someone flushed a chain, deleted the
+    /// table, edited an element). Drift is logged, reported, and repaired by a full sync
+    /// as soon as the runner allows.
+    pub fn verify(&mut self) -> bool {
+        let local = (self.local_addrs)();
+        let state = model::build(&self.tracker.objects(), &self.cfg, &local);
+        let mut drift = false;
+        for b in &mut self.backends {
+            let family = b.family();
+            let Some(fam) = state.families.get(&family) else {
+                continue;
+            };
+            match b.verify(&fam.node, &fam.services) {
+                Ok(d) if d.is_empty() => {}
+                Ok(d) => {
+                    warn!(%family, differences = d.len(), first = %d[0], "kernel state drifted; repairing with a full sync");
+                    self.observer.drift(family, &d);
+                    drift = true;
+                }
+                Err(e) => warn!(%family, "cannot verify the kernel state: {e}"),
+            }
+        }
+        if drift {
+            self.tracker.force_full();
+            self.runner.request();
+        }
+        drift
     }
 
     fn report_invalid(&mut self, invalid: &[InvalidObject]) {

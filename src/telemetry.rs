@@ -164,6 +164,10 @@ impl Observer for Telemetry {
         }
     }
 
+    fn drift(&mut self, family: IpFamily, _differences: &[String]) {
+        self.metrics.inc_drift(family);
+    }
+
     fn node(&mut self, node: Option<&Node>) {
         let deleting = node.is_some_and(|n| n.metadata.deletion_timestamp.is_some());
         let tainted = node

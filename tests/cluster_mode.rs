@@ -545,3 +545,60 @@ fn udp_conntrack_entries_of_removed_endpoints_are_deleted() {
         "the reconciler's deletion counter did not move: {deleted}"
     );
 }
+
+#[test]
+fn hand_edits_to_the_table_are_detected_and_repaired() {
+    if !require_net_admin("hand_edits_to_the_table_are_detected_and_repaired") {
+        return;
+    }
+    let mut c = start(&[svc("a", "172.30.0.1"), eps("a", &[RPOD1_IP, RPOD2_IP])]);
+    let a = sa(ip("172.30.0.1"), 80);
+    let both = [v4(RPOD1_IP), v4(RPOD2_IP)];
+    c.converge(a, &both, None);
+    let drift = |c: &Cluster| {
+        scrape(c)
+            .iter()
+            .filter(|s| s.metric == "kproxy_drift_detected_total")
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(drift(&c), 0.0, "no drift before anyone touched the table");
+
+    // Somebody flushes an endpoint chain (whose content kproxy otherwise trusts by name)
+    // and the service chain: traffic breaks until kproxy notices (within one syncPeriod
+    // of 2 s) and rewrites them.
+    let chains = c.topo.node.exec(&["nft", "list", "chains", "ip"]);
+    let names: Vec<String> = chains
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain "))
+        .map(|l| l.trim_end_matches(" {").trim().to_string())
+        .filter(|n| n.contains("ns/a/"))
+        .collect();
+    let endpoint = names
+        .iter()
+        .find(|n| n.starts_with("endpoint-"))
+        .expect("endpoint chain");
+    let service_chain = names
+        .iter()
+        .find(|n| n.starts_with("service-"))
+        .expect("service chain");
+    for name in [endpoint, service_chain] {
+        c.topo
+            .node
+            .exec(&["nft", "flush", "chain", "ip", "kproxy", name]);
+    }
+    c.converge(a, &both, None);
+    assert!(drift(&c) >= 1.0, "drift was repaired but not counted");
+
+    // Somebody deletes the whole table.
+    let before = drift(&c);
+    c.topo
+        .node
+        .exec(&["nft", "delete", "table", "ip", "kproxy"]);
+    c.converge(a, &both, None);
+    assert!(drift(&c) > before);
+    assert!(c.kproxy.is_running());
+}

@@ -63,4 +63,16 @@ pub trait Backend {
 
     /// Removes every kernel object this backend owns, and nothing else.
     fn cleanup(&mut self) -> Result<(), BackendError>;
+
+    /// Compares what the kernel holds with the desired state and returns the
+    /// differences in words (empty: no drift). After drift the next sync must be a full
+    /// one that trusts nothing it did not just read back; backends arrange that
+    /// themselves. The default finds nothing.
+    fn verify(
+        &mut self,
+        _node: &NodeContext,
+        _services: &ServicePlans,
+    ) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
 }

@@ -118,6 +118,9 @@ pub struct NftablesBackend<W> {
     services: HashMap<ServiceName, ServiceObjects>,
     owners: ElementOwners,
     last_transaction: Option<Transaction>,
+    /// Drift was found: the next full sync rewrites every chain, even those whose
+    /// content follows from their name.
+    distrust_live_chains: bool,
 }
 
 impl<W: NftWriter> NftablesBackend<W> {
@@ -130,6 +133,7 @@ impl<W: NftWriter> NftablesBackend<W> {
             services: HashMap::new(),
             owners: ElementOwners::default(),
             last_transaction: None,
+            distrust_live_chains: false,
         }
     }
 
@@ -178,11 +182,14 @@ struct Planner<'a> {
     stale_sets: BTreeSet<ObjName>,
     /// Chains written by this transaction, with their content hash.
     written: Vec<(ObjName, u64)>,
+    /// Rewrite every chain whatever the live state says (after drift).
+    distrust: bool,
 }
 
 impl<'a> Planner<'a> {
     fn new(family: IpFamily, live: &'a LiveState) -> Self {
         Planner {
+            distrust: false,
             live,
             family,
             setup: Vec::new(),
@@ -231,6 +238,7 @@ impl<'a> Planner<'a> {
         let hash = chain_hash(c);
         let live = self.live.chains.get(&c.name);
         let up_to_date = match live {
+            _ if self.distrust => false,
             Some(_) if c.content_in_name => true,
             Some(Some(h)) => *h == hash,
             _ => false,
@@ -395,6 +403,7 @@ impl<W: NftWriter> NftablesBackend<W> {
     fn plan_full(&self, live: &LiveState, node: &NodeContext, services: &ServicePlans) -> FullPlan {
         let skeleton = objects::static_objects(node);
         let mut planner = Planner::new(self.family, live);
+        planner.distrust = self.distrust_live_chains;
         planner.skeleton(&skeleton);
         let mut owners = ElementOwners::default();
         let mut touched = BTreeSet::new();
@@ -465,6 +474,7 @@ impl<W: NftWriter> Backend for NftablesBackend<W> {
             self.apply(live, plan.tx, plan.written)?;
             self.services = plan.objects;
             self.owners = plan.owners;
+            self.distrust_live_chains = false;
             self.skeleton = Some(objects::static_objects(node));
             return Ok(report);
         }
@@ -522,6 +532,34 @@ impl<W: NftWriter> Backend for NftablesBackend<W> {
         self.plan_full(&LiveState::default(), node, services)
             .tx
             .render()
+    }
+
+    fn verify(
+        &mut self,
+        node: &NodeContext,
+        services: &ServicePlans,
+    ) -> Result<Vec<String>, BackendError> {
+        let json = self
+            .writer
+            .list_table(self.family)
+            .map_err(|e| BackendError::ReadBack(e.to_string()))?;
+        let diffs = match json {
+            None => vec![format!(
+                "table {} {} is missing",
+                rule::family_kw(self.family),
+                objects::TABLE
+            )],
+            Some(json) => {
+                let live = eval::Ruleset::live_lenient(&json)
+                    .map_err(|e| BackendError::ReadBack(e.to_string()))?;
+                eval::Ruleset::desired(node, services).differences(&live)
+            }
+        };
+        if !diffs.is_empty() {
+            self.live = None;
+            self.distrust_live_chains = true;
+        }
+        Ok(diffs)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
