@@ -7,6 +7,7 @@ use crate::transaction::Transaction;
 use kproxy_backend_api::IpFamily;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A failure talking to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +30,7 @@ pub trait NftWriter {
     fn delete_table(&mut self, family: IpFamily) -> Result<(), WriterError>;
 }
 
-/// Runs the `nft` binary: `nft -f -` with the rendered transaction on stdin.
+/// Runs the `nft` binary: `nft -f FILE` with the rendered transaction.
 #[derive(Debug, Clone)]
 pub struct NftCli {
     binary: String,
@@ -89,8 +90,21 @@ fn missing_table(stderr: &str) -> bool {
 }
 
 impl NftWriter for NftCli {
+    /// The script is written to a file first and `nft` starts only once it is complete:
+    /// if kproxy dies while writing, `nft` never sees a truncated script. (Through a pipe,
+    /// a script cut at a line boundary is valid nft and would commit half a sync.)
     fn apply(&mut self, tx: &Transaction) -> Result<(), WriterError> {
-        let (ok, _, stderr) = self.run(&["-f", "-"], Some(&tx.render()))?;
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "kproxy-{}-{}.nft",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file_err = |e| WriterError::Spawn(format!("write {}", path.display()), e);
+        std::fs::write(&path, tx.render()).map_err(file_err)?;
+        let result = self.run(&["-f", &path.to_string_lossy()], None);
+        let _ = std::fs::remove_file(&path);
+        let (ok, _, stderr) = result?;
         if ok {
             Ok(())
         } else {
