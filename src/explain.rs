@@ -48,18 +48,7 @@ pub struct ExplainArgs {
 
 /// Entry point of `kproxy explain …` (`args` is the whole argv).
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let parsed = match ExplainArgs::try_parse_from(args.into_iter().skip(1)) {
-        Ok(a) => a,
-        Err(e) => e.exit(),
-    };
-    let mut out = std::io::stdout().lock();
-    match run(&parsed, &mut out) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("kproxy explain: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
+    crate::trace_cmd::command_main::<ExplainArgs>(args, "explain", run)
 }
 
 /// Explains the Service and writes the report; returns the exit code.

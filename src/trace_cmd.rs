@@ -321,30 +321,11 @@ impl NodeView {
 
 /// The IPs of the Node named `name`, InternalIP first, as the model reads them.
 fn node_ips(m: &Manifests, name: &str) -> Vec<IpAddr> {
-    let Some(node) = m
-        .nodes
+    m.nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(name))
-    else {
-        return Vec::new();
-    };
-    let addrs = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    for kind in ["InternalIP", "ExternalIP"] {
-        for a in addrs.iter().filter(|a| a.type_ == kind) {
-            if let Some(ip) = crate::ip::parse_ip(&a.address) {
-                if !out.contains(&ip) {
-                    out.push(ip);
-                }
-            }
-        }
-    }
-    out
+        .map(crate::model::node_ips)
+        .unwrap_or_default()
 }
 
 /// A pod found in the EndpointSlices' `targetRef`s.
@@ -422,7 +403,17 @@ pub struct TraceArgs {
 
 /// Entry point of `kproxy trace …` (`args` is the whole argv).
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let parsed = match TraceArgs::try_parse_from(args.into_iter().skip(1)) {
+    command_main::<TraceArgs>(args, "trace", run)
+}
+
+/// Shared by `trace` and `explain`: parse (clap prints usage errors and help itself),
+/// run, and turn the result into the documented exit code.
+pub(crate) fn command_main<A: clap::Parser>(
+    args: Vec<OsString>,
+    name: &str,
+    run: impl FnOnce(&A, &mut dyn Write) -> Result<u8, CmdError>,
+) -> ExitCode {
+    let parsed = match A::try_parse_from(args.into_iter().skip(1)) {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
@@ -430,7 +421,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     match run(&parsed, &mut out) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("kproxy trace: {e}");
+            eprintln!("kproxy {name}: {e}");
             ExitCode::from(e.exit_code())
         }
     }

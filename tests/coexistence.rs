@@ -8,7 +8,7 @@ mod support;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::time::Duration;
 use support::*;
 
@@ -123,23 +123,6 @@ fn other_tables_survive_sync_restart_and_cleanup() {
         .output()
         .expect("run --cleanup");
     assert!(again.status.success());
-}
-
-/// A long-lived echo server in a pod: every line sent comes back.
-fn echo_server(ns: &Netns, addr: IpAddr, port: u16) {
-    let listener = ns.in_ns(move || TcpListener::bind((addr, port)).expect("bind echo"));
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().expect("clone");
-                for line in BufReader::new(conn).lines().map_while(Result::ok) {
-                    if writeln!(w, "{line}").is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
 }
 
 #[test]

@@ -5,14 +5,14 @@
 
 mod support;
 
-use kproxy::model::{self, ClusterObjects, ProxyConfig, ProxyState};
+use kproxy::model::{self, ProxyConfig, ProxyState};
 use kproxy_backend_api::{Backend, Changes, IpFamily};
 use kproxy_nftables::transaction::Op;
 use kproxy_nftables::writer::NftCli;
 use kproxy_nftables::NftablesBackend;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 use support::*;
 use Proto::Tcp;
@@ -35,25 +35,11 @@ fn topology() -> Topology {
 
 /// Builds the model's state from objects, as kproxy does from manifests.
 fn state(objects: &[Value]) -> ProxyState {
-    let mut objs = ClusterObjects::default();
     let mut all = vec![node_object(), service_cidr_object()];
     all.extend_from_slice(objects);
-    for o in all {
-        match o["kind"].as_str() {
-            Some("Service") => objs.services.push(serde_json::from_value(o).expect("svc")),
-            Some("EndpointSlice") => objs
-                .endpoint_slices
-                .push(serde_json::from_value(o).expect("slice")),
-            Some("Node") => objs.nodes.push(serde_json::from_value(o).expect("node")),
-            Some("ServiceCIDR") => objs
-                .service_cidrs
-                .push(serde_json::from_value(o).expect("cidr")),
-            other => panic!("unexpected kind {other:?}"),
-        }
-    }
     let mut cfg = ProxyConfig::new(NODE_NAME);
     cfg.cluster_cidrs = vec![CLUSTER_CIDR.parse().expect("cidr")];
-    model::build(&objs, &cfg, &[])
+    model::build(&cluster_objects(all), &cfg, &[])
 }
 
 /// Syncs the IPv4 family; `previous` makes it partial.
@@ -233,23 +219,6 @@ fn partial_syncs_send_only_the_difference() {
         live,
         fresh.node.exec(&["nft", "list", "table", "ip", "kproxy"])
     );
-}
-
-/// A long-lived echo server in a pod: every line sent comes back.
-fn echo_server(ns: &Netns, addr: IpAddr, port: u16) {
-    let listener = ns.in_ns(move || TcpListener::bind((addr, port)).expect("bind echo"));
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().expect("clone");
-                for line in BufReader::new(conn).lines().map_while(Result::ok) {
-                    if writeln!(w, "{line}").is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
 }
 
 fn round_trip(conn: &mut TcpStream, reader: &mut BufReader<TcpStream>, msg: &str) -> String {

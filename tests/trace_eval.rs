@@ -85,24 +85,6 @@ fn base() -> ProxyConfig {
     config(true, false, &[])
 }
 
-fn cluster_objects(all: Vec<Value>) -> ClusterObjects {
-    let mut objs = ClusterObjects::default();
-    for o in all {
-        match o["kind"].as_str() {
-            Some("Service") => objs.services.push(serde_json::from_value(o).expect("svc")),
-            Some("EndpointSlice") => objs
-                .endpoint_slices
-                .push(serde_json::from_value(o).expect("slice")),
-            Some("Node") => objs.nodes.push(serde_json::from_value(o).expect("node")),
-            Some("ServiceCIDR") => objs
-                .service_cidrs
-                .push(serde_json::from_value(o).expect("cidr")),
-            other => panic!("unexpected kind {other:?}"),
-        }
-    }
-    objs
-}
-
 /// The model's state for objects plus the Node and ServiceCIDRs, as `sync_once` feeds
 /// the binary.
 fn state(objects: &[Value], cfg: &ProxyConfig) -> ProxyState {

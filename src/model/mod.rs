@@ -234,7 +234,7 @@ pub fn build(objects: &ClusterObjects, cfg: &ProxyConfig, local_addrs: &[IpAddr]
 }
 
 /// The node's IPs from its status: InternalIP addresses first, then ExternalIP.
-fn node_ips(node: &Node) -> Vec<IpAddr> {
+pub fn node_ips(node: &Node) -> Vec<IpAddr> {
     let addrs = node
         .status
         .as_ref()

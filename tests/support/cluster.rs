@@ -362,3 +362,41 @@ pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|_| panic!("bad test address {s}"))
 }
+
+/// Decodes JSON objects into the model's input, as the manifests loader would.
+pub fn cluster_objects(all: Vec<Value>) -> kproxy::model::ClusterObjects {
+    let mut objs = kproxy::model::ClusterObjects::default();
+    for o in all {
+        match o["kind"].as_str() {
+            Some("Service") => objs.services.push(serde_json::from_value(o).expect("svc")),
+            Some("EndpointSlice") => objs
+                .endpoint_slices
+                .push(serde_json::from_value(o).expect("slice")),
+            Some("Node") => objs.nodes.push(serde_json::from_value(o).expect("node")),
+            Some("ServiceCIDR") => objs
+                .service_cidrs
+                .push(serde_json::from_value(o).expect("cidr")),
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    objs
+}
+
+/// A long-lived echo server on `addr:port` inside `ns`: every line sent comes back, for
+/// connections that must survive syncs and restarts.
+pub fn echo_server(ns: &Netns, addr: IpAddr, port: u16) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = ns.in_ns(move || std::net::TcpListener::bind((addr, port)).expect("bind echo"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().expect("clone");
+                for line in BufReader::new(conn).lines().map_while(Result::ok) {
+                    if writeln!(w, "{line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}

@@ -96,7 +96,7 @@ fn unwrap_elem(v: &Value) -> &Value {
     v.get("elem").and_then(|e| e.get("val")).unwrap_or(v)
 }
 
-fn parse_key(v: &Value) -> Option<ElemKey> {
+pub(crate) fn parse_key(v: &Value) -> Option<ElemKey> {
     if let Some(parts) = v.get("concat").and_then(Value::as_array) {
         return match parts.as_slice() {
             [a, p, port] => Some(ElemKey::AddrProtoPort(
@@ -115,7 +115,7 @@ fn parse_ip(v: &Value) -> Option<IpAddr> {
     v.as_str()?.parse().ok()
 }
 
-fn parse_proto(v: &Value) -> Option<Protocol> {
+pub(crate) fn parse_proto(v: &Value) -> Option<Protocol> {
     match v {
         Value::String(s) => match s.as_str() {
             "tcp" => Some(Protocol::Tcp),
@@ -133,7 +133,7 @@ fn parse_proto(v: &Value) -> Option<Protocol> {
     }
 }
 
-fn parse_port(v: &Value) -> Option<u16> {
+pub(crate) fn parse_port(v: &Value) -> Option<u16> {
     match v {
         Value::Number(n) => u16::try_from(n.as_u64()?).ok(),
         // nft prints well-known ports by name only with `-S`; accept digits in strings.

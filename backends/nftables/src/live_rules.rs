@@ -9,9 +9,9 @@
 //! read here.
 
 use crate::eval::{canonical_rule, ForeignRule, Ruleset};
-use crate::live::LiveState;
+use crate::live::{parse_key, parse_port, parse_proto, LiveState};
 use crate::names::ObjName;
-use crate::objects::{ElemKey, Hook, MapId, TABLE};
+use crate::objects::{Hook, MapId, TABLE};
 use crate::rule::{family_kw, AddrSet, Match, Rule, Stmt, VmapKey};
 use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 use kproxy_backend_api::{IpFamily, Protocol};
@@ -214,47 +214,6 @@ fn read_comments(rs: &mut Ruleset, map: MapId, set: &Value) {
         if let Some(key) = parse_key(val) {
             rs.comments.insert((map, key), comment.to_string());
         }
-    }
-}
-
-fn parse_key(v: &Value) -> Option<ElemKey> {
-    if let Some(parts) = v.get("concat").and_then(Value::as_array) {
-        return match parts.as_slice() {
-            [a, p, port] => Some(ElemKey::AddrProtoPort(
-                a.as_str()?.parse().ok()?,
-                parse_proto(p)?,
-                parse_port(port)?,
-            )),
-            [p, port] => Some(ElemKey::ProtoPort(parse_proto(p)?, parse_port(port)?)),
-            _ => None,
-        };
-    }
-    Some(ElemKey::Addr(v.as_str()?.parse().ok()?))
-}
-
-fn parse_proto(v: &Value) -> Option<Protocol> {
-    match v {
-        Value::String(s) => match s.as_str() {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            "sctp" => Some(Protocol::Sctp),
-            _ => None,
-        },
-        Value::Number(n) => match n.as_u64()? {
-            6 => Some(Protocol::Tcp),
-            17 => Some(Protocol::Udp),
-            132 => Some(Protocol::Sctp),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn parse_port(v: &Value) -> Option<u16> {
-    match v {
-        Value::Number(n) => u16::try_from(n.as_u64()?).ok(),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
     }
 }
 
