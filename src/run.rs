@@ -83,10 +83,9 @@ fn init_logging(verbosity: u8) {
 
 /// The node's name: `--hostname-override`, else the host name, lower-cased as
 /// kube-proxy does.
-fn node_name(settings: &Settings) -> String {
-    settings
-        .hostname_override
-        .clone()
+pub fn node_name(hostname_override: Option<&str>) -> String {
+    hostname_override
+        .map(str::to_string)
         .filter(|s| !s.trim().is_empty())
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .unwrap_or_default()
@@ -94,34 +93,49 @@ fn node_name(settings: &Settings) -> String {
         .to_lowercase()
 }
 
-/// Settings the model needs.
-pub fn proxy_config(settings: &Settings) -> Result<ProxyConfig, RunError> {
-    let mut cfg = ProxyConfig::new(node_name(settings));
-    for c in settings
-        .cluster_cidrs
+/// The model's settings from kube-proxy's flags (shared by the daemon and by
+/// `trace`/`explain`). The error names the flag and the bad value.
+pub fn build_proxy_config(
+    hostname_override: Option<&str>,
+    cluster_cidrs: &[String],
+    nodeport_addresses: &[String],
+    masquerade_all: bool,
+) -> Result<ProxyConfig, String> {
+    let mut cfg = ProxyConfig::new(node_name(hostname_override));
+    for c in cluster_cidrs
         .iter()
         .map(|c| c.trim())
         .filter(|c| !c.is_empty())
     {
         let net = crate::ip::parse_cidr(c)
-            .ok_or_else(|| RunError::Config(format!("--cluster-cidr: invalid CIDR {c:?}")))?;
+            .ok_or_else(|| format!("--cluster-cidr: invalid CIDR {c:?}"))?;
         cfg.cluster_cidrs.push(net);
     }
-    for a in settings
-        .nodeport_addresses
+    for a in nodeport_addresses
         .iter()
         .map(|a| a.trim())
         .filter(|a| !a.is_empty())
     {
         if a != "primary" && crate::ip::parse_cidr(a).is_none() {
-            return Err(RunError::Config(format!(
+            return Err(format!(
                 "--nodeport-addresses: {a:?} is neither `primary` nor a CIDR"
-            )));
+            ));
         }
         cfg.nodeport_addresses.push(a.to_string());
     }
-    cfg.masquerade_all = settings.masquerade_all;
+    cfg.masquerade_all = masquerade_all;
     Ok(cfg)
+}
+
+/// Settings the model needs.
+pub fn proxy_config(settings: &Settings) -> Result<ProxyConfig, RunError> {
+    build_proxy_config(
+        settings.hostname_override.as_deref(),
+        &settings.cluster_cidrs,
+        &settings.nodeport_addresses,
+        settings.masquerade_all,
+    )
+    .map_err(RunError::Config)
 }
 
 fn backends() -> Vec<NftablesBackend<NftCli>> {

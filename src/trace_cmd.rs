@@ -130,53 +130,18 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// The model's settings from these flags.
     pub fn proxy_config(&self) -> Result<ProxyConfig, CmdError> {
-        let mut cfg = ProxyConfig::new(node_name(self.hostname_override.as_deref()));
-        for c in self
-            .cluster_cidr
-            .iter()
-            .map(|c| c.trim())
-            .filter(|c| !c.is_empty())
-        {
-            let net = crate::ip::parse_cidr(c)
-                .ok_or_else(|| CmdError::Usage(format!("--cluster-cidr: invalid CIDR {c:?}")))?;
-            cfg.cluster_cidrs.push(net);
-        }
-        for a in self
-            .nodeport_addresses
-            .iter()
-            .map(|a| a.trim())
-            .filter(|a| !a.is_empty())
-        {
-            if a != "primary" && crate::ip::parse_cidr(a).is_none() {
-                return Err(CmdError::Usage(format!(
-                    "--nodeport-addresses: {a:?} is neither `primary` nor a CIDR"
-                )));
-            }
-            cfg.nodeport_addresses.push(a.to_string());
-        }
-        cfg.masquerade_all = self.masquerade_all;
-        Ok(cfg)
+        crate::run::build_proxy_config(
+            self.hostname_override.as_deref(),
+            &self.cluster_cidr,
+            &self.nodeport_addresses,
+            self.masquerade_all,
+        )
+        .map_err(CmdError::Usage)
     }
-}
-
-/// `--hostname-override`, else the host name, lower-cased as kube-proxy does.
-fn node_name(hostname_override: Option<&str>) -> String {
-    hostname_override
-        .map(str::to_string)
-        .filter(|s| !s.trim().is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .unwrap_or_default()
-        .trim()
-        .to_lowercase()
 }
 
 /// `nft`'s family keyword.
-pub fn family_kw(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::V4 => "ip",
-        IpFamily::V6 => "ip6",
-    }
-}
+pub use kproxy_nftables::rule::family_kw;
 
 /// What the node options resolve to: the model's state from the manifests (if any), the
 /// node's addresses, and access to the live tables.
